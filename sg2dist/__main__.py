@@ -1,0 +1,5 @@
+import sys
+
+from sg2dist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `sg2dist` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module that exposes `add_arguments(parser)` and
+`main(args) -> int`. Modules are imported only when their command runs, so
+`sg2dist --help` stays fast and a broken optional dependency cannot break the
+other commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sg2dist.errors import UserError
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("sg2dist.data.prepare", "turn an image folder or zip into WebDataset shards"),
+    "train": ("sg2dist.train.run", "train StyleGAN2 (one process, or under accelerate launch)"),
+    "summary": ("sg2dist.model.summary", "print the G and D layer tables and parameter counts"),
+    "generate": ("sg2dist.generate", "write images or a grid from a checkpoint"),
+    "style-mix": ("sg2dist.generate_mix", "draw the style-mixing figure from a checkpoint"),
+    "interpolate": ("sg2dist.generate_interp", "render a looping latent walk (gif or mp4)"),
+    "metrics": ("sg2dist.metrics_cli", "score a checkpoint with FID/KID"),
+    "export": ("sg2dist.export", "log G_ema of a checkpoint as an MLflow model"),
+    "bench": ("sg2dist.bench", "benchmark a training step or the data loader"),
+}
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: sg2dist COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `sg2dist COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sg2dist: error: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"sg2dist {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except UserError as exc:
+        print(f"sg2dist: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sg2dist: interrupted", file=sys.stderr)
+        return 130
