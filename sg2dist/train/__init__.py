@@ -1,0 +1,1 @@
+"""Training: losses, the step/phase table, the loop, checkpoints."""

@@ -1,0 +1,150 @@
+"""Checkpoints: immutable step folders in the run folder, a `latest` pointer written last.
+
+Layout under `<run.dir>/checkpoints/`:
+
+    nimg-000012800/state.pt    tensors only (torch.save of a dict; loads with weights_only=True)
+    nimg-000012800/meta.json   counters, config, data stream positions, MLflow run id,
+                               and the sha256 + size of state.pt; written after state.pt
+    latest                     the name of the newest complete folder; written last
+
+A reader trusts a folder only when its meta.json exists and state.pt matches the
+recorded hash, so a process killed mid-write can never leave a checkpoint that
+looks complete. If `latest` names a broken folder, the newest verified one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sg2dist import storage
+from sg2dist.config import Config, config_from_dict
+from sg2dist.errors import UserError
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+POINTER_FILE = "latest"
+FOLDER_PREFIX = "nimg-"
+
+
+@dataclass
+class Checkpoint:
+    url: str  # the step folder
+    state: dict[str, Any]  # tensors and plain containers of tensors/numbers
+    meta: dict[str, Any]  # JSON
+
+
+def checkpoints_url(run_dir: str) -> str:
+    return storage.join(run_dir, "checkpoints")
+
+
+def folder_name(cur_nimg: int) -> str:
+    return f"{FOLDER_PREFIX}{cur_nimg:012d}"
+
+
+def save_checkpoint(run_dir: str, cur_nimg: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Write state.pt, then meta.json, then the `latest` pointer. Main process only."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    state_bytes = buffer.getvalue()
+    folder = storage.join(checkpoints_url(run_dir), folder_name(cur_nimg))
+    meta = dict(
+        meta,
+        state_sha256=hashlib.sha256(state_bytes).hexdigest(),
+        state_bytes=len(state_bytes),
+    )
+    storage.write_bytes(storage.join(folder, STATE_FILE), state_bytes)
+    storage.write_text(storage.join(folder, META_FILE), json.dumps(meta, indent=1, sort_keys=True))
+    storage.write_text(storage.join(checkpoints_url(run_dir), POINTER_FILE), folder_name(cur_nimg))
+    return folder
+
+
+def _read_verified(folder: str) -> Checkpoint | None:
+    """The checkpoint in `folder` if it is complete and intact, else None."""
+    meta_url = storage.join(folder, META_FILE)
+    if not storage.exists(meta_url):
+        return None
+    meta = json.loads(storage.read_text(meta_url))
+    state_bytes = storage.read_bytes(storage.join(folder, STATE_FILE))
+    if hashlib.sha256(state_bytes).hexdigest() != meta.get("state_sha256"):
+        return None
+    state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)
+    return Checkpoint(url=folder, state=state, meta=meta)
+
+
+def _step_folders(run_dir: str) -> list[str]:
+    root = checkpoints_url(run_dir)
+    if not storage.exists(root):
+        return []
+    names = [n.rstrip("/") for n in storage.listdir(root)]
+    return sorted(n for n in names if n.startswith(FOLDER_PREFIX))
+
+
+def find_latest(run_dir: str) -> Checkpoint | None:
+    """The newest complete checkpoint of a run folder: `latest` if intact, else a fallback."""
+    root = checkpoints_url(run_dir)
+    pointer = storage.join(root, POINTER_FILE)
+    candidates = list(reversed(_step_folders(run_dir)))
+    if storage.exists(pointer):
+        named = storage.read_text(pointer).strip()
+        # Only folders at or before the pointer: a newer folder may be a half-written one.
+        candidates = [named] + [n for n in candidates if n < named]
+    for name in candidates:
+        checkpoint = _read_verified(storage.join(root, name))
+        if checkpoint is not None:
+            return checkpoint
+    return None
+
+
+def load_checkpoint(url: str) -> Checkpoint:
+    """A run folder (its latest checkpoint) or one step folder; one clear error if neither."""
+    url = url.rstrip("/")
+    if storage.exists(storage.join(url, META_FILE)):
+        checkpoint = _read_verified(url)
+        if checkpoint is None:
+            raise UserError(
+                f"checkpoint {url} is incomplete or corrupt (state.pt does not match meta.json); "
+                "pass the run folder to use its newest intact checkpoint"
+            )
+        return checkpoint
+    checkpoint = find_latest(url)
+    if checkpoint is None:
+        raise UserError(
+            f"no checkpoint found at {url}; pass a run folder that holds checkpoints/ "
+            "or a checkpoints/nimg-... folder"
+        )
+    return checkpoint
+
+
+def prune_checkpoints(run_dir: str, *, keep_last: int, keep_every: int, snapshot_nimg: int) -> list[str]:
+    """Delete all but the last `keep_last` folders and every `keep_every`-th snapshot.
+
+    "Every M-th" is decided from the folder's image count (nimg is a multiple of
+    M x snapshot_nimg), so it stays stable however many folders were deleted before.
+    Checkpoints written off the snapshot grid (SIGTERM, end of run) count only as "last".
+    """
+    names = _step_folders(run_dir)
+    keep = set(names[-keep_last:])
+    if keep_every > 0:
+        period_nimg = keep_every * snapshot_nimg
+        keep |= {n for n in names if int(n[len(FOLDER_PREFIX) :]) % period_nimg == 0}
+    removed = [name for name in names if name not in keep]
+    for name in removed:
+        storage.remove_tree(storage.join(checkpoints_url(run_dir), name))
+    return removed
+
+
+def load_generator(url: str, device: str | torch.device = "cpu"):
+    """(G_ema in eval mode on `device`, the run's Config, meta) from a run or step folder."""
+    from sg2dist.model import build_networks
+
+    checkpoint = load_checkpoint(url)
+    cfg: Config = config_from_dict(checkpoint.meta["config"])
+    G_ema, _ = build_networks(cfg.model)
+    G_ema.load_state_dict(checkpoint.state["G_ema"])
+    return G_ema.eval().requires_grad_(False).to(device), cfg, checkpoint.meta

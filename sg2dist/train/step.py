@@ -1,0 +1,214 @@
+"""One training iteration: the phase table of the official code, accumulation, sync points.
+
+    phase  network  every       loss
+    Gmain  G        step        softplus(-D(G(z)))
+    Greg   G        pl_interval path length penalty x pl_interval
+    Dmain  D        step        softplus(D(G(z))) + softplus(-D(x))
+    Dreg   D        r1_interval R1 x r1_interval
+
+Each phase zeroes its network's gradients, runs every micro-batch of the global
+batch (backward without DDP sync, except the very last backward, where DDP
+all-reduces the accumulated gradients), checks that the gradients are finite, and
+steps its optimizer.
+
+Randomness (latents, noise inputs, style-mixing crossovers, path-length noise) is
+drawn after seeding torch from (seed, step, phase, global micro-batch index). A
+step's result is therefore the same however the global batch is split over ranks
+and micro-batches, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from sg2dist.config import TrainConfig
+from sg2dist.train import loss as L
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    net: str  # "G" or "D"
+    interval: int  # run when step % interval == 0
+
+
+def phase_table(train: TrainConfig) -> list[Phase]:
+    phases = [Phase("Gmain", "G", 1)]
+    if train.pl_interval > 0 and train.pl_weight > 0:
+        phases.append(Phase("Greg", "G", train.pl_interval))
+    phases.append(Phase("Dmain", "D", 1))
+    if train.r1_interval > 0 and train.r1_gamma > 0:
+        phases.append(Phase("Dreg", "D", train.r1_interval))
+    return phases
+
+
+def micro_seed(*ints: int) -> int:
+    """A 63-bit seed that is a pure function of the given integers."""
+    digest = hashlib.blake2b(repr(ints).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass
+class Nets:
+    """The networks and optimizers; *_ddp may be DDP wrappers of *_net."""
+
+    G_ddp: torch.nn.Module
+    D_ddp: torch.nn.Module
+    G_net: torch.nn.Module
+    D_net: torch.nn.Module
+    G_ema: torch.nn.Module
+    G_opt: torch.optim.Optimizer
+    D_opt: torch.optim.Optimizer
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the networks: config, layout, precision hooks."""
+
+    train: TrainConfig
+    phases: list[Phase]
+    rank: int
+    world_size: int
+    backward: callable  # accelerator.backward
+    no_sync: callable  # accelerator.no_sync(model) -> context
+    autocast: callable  # accelerator.autocast() -> context
+    reduce_mean: callable  # tensor -> mean over ranks
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    pl_mean: float = 0.0
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    stats: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _scale_fn(ctx: StepContext):
+    return ctx.scaler.scale if ctx.scaler is not None else L._identity
+
+
+def _phase_passes(ctx: StepContext, nets: Nets, phase: Phase, real_img, real_c, gen_z, gen_c):
+    """The (forward -> loss) closures of one phase for one micro-batch; one backward each."""
+    t = ctx.train
+    mix = t.style_mixing_prob
+    if phase.name == "Gmain":
+        return [lambda: L.g_main_loss(nets.G_ddp, nets.D_net, gen_z, gen_c, mix)]
+    if phase.name == "Greg":
+        n = max(len(gen_z) // t.pl_batch_shrink, 1)
+
+        def greg():
+            lengths, gen_img = L.path_lengths(nets.G_ddp, gen_z[:n], gen_c[:n], mix, _scale_fn(ctx))
+            return L.pl_loss(
+                lengths, gen_img, pl_mean=ctx.pl_mean, pl_weight=t.pl_weight, gain=phase.interval
+            )
+
+        return [greg]
+    if phase.name == "Dmain":
+        return [
+            lambda: L.d_fake_loss(nets.G_net, nets.D_ddp, gen_z, gen_c, mix),
+            lambda: L.d_real_loss(nets.D_ddp, real_img, real_c),
+        ]
+    if phase.name == "Dreg":
+        return [
+            lambda: L.r1_loss(
+                nets.D_ddp, real_img, real_c, r1_gamma=t.r1_gamma, gain=phase.interval,
+                scale=_scale_fn(ctx),
+            )
+        ]
+    raise ValueError(f"unknown phase {phase.name}")
+
+
+def _grads_finite(module: torch.nn.Module) -> bool:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([g.isfinite().all() for g in grads]).all())
+
+
+def _run_phase(ctx: StepContext, nets: Nets, phase: Phase, step: int, phase_idx: int, micro_batches):
+    is_G = phase.net == "G"
+    ddp, opt = (nets.G_ddp, nets.G_opt) if is_G else (nets.D_ddp, nets.D_opt)
+    # Only the trained network builds parameter gradients; the other is a fixed function.
+    nets.G_net.requires_grad_(is_G)
+    nets.D_net.requires_grad_(not is_G)
+    opt.zero_grad(set_to_none=True)
+    num_rounds = len(micro_batches)
+    phase_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for round_idx, (real_img, real_c) in enumerate(micro_batches):
+        global_micro = round_idx * ctx.world_size + ctx.rank
+        torch.manual_seed(micro_seed(ctx.train.seed, step, phase_idx, global_micro))
+        gen_z = torch.randn(len(real_img), nets.G_net.z_dim, device=real_img.device)
+        gen_c = real_c[torch.randperm(len(real_c), device=real_c.device)]
+        passes = _phase_passes(ctx, nets, phase, real_img, real_c, gen_z, gen_c)
+        for pass_idx, compute in enumerate(passes):
+            is_last = round_idx == num_rounds - 1 and pass_idx == len(passes) - 1
+            # Sync point: DDP all-reduces gradients only in the very last backward.
+            sync = contextlib.nullcontext() if is_last else ctx.no_sync(ddp)
+            with sync:
+                with ctx.autocast():
+                    loss, stats = compute()
+                ctx.backward(loss / num_rounds)
+            for key, value in stats.items():
+                phase_stats[key].append(value.float())
+    return opt, ddp, phase_stats
+
+
+def _step_optimizer(ctx: StepContext, nets: Nets, opt, is_G: bool) -> bool:
+    """Step unless gradients are non-finite; True if the step was taken."""
+    if ctx.scaler is not None:
+        # fp16: the shared GradScaler detects inf/nan, skips the step and lowers its scale.
+        opt.step()
+        return not getattr(opt, "step_was_skipped", False)
+    if not _grads_finite(nets.G_net if is_G else nets.D_net):
+        opt.zero_grad(set_to_none=True)
+        return False
+    opt.step()
+    return True
+
+
+def train_step(ctx: StepContext, nets: Nets, step: int, micro_batches) -> None:
+    """Run every phase due at `step` on `micro_batches` [(real_img float NCHW, real_c)]."""
+    any_skipped = False
+    for phase_idx, phase in enumerate(ctx.phases):
+        if step % phase.interval != 0:
+            continue
+        opt, _, phase_stats = _run_phase(ctx, nets, phase, step, phase_idx, micro_batches)
+        if phase.name == "Greg":
+            # One pl_mean update per phase from the global batch: independent of the layout.
+            global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
+            ctx.pl_mean = L.update_pl_mean(ctx.pl_mean, float(global_length), ctx.train.pl_decay)
+        any_skipped |= not _step_optimizer(ctx, nets, opt, is_G=phase.net == "G")
+        # Stats stay local tensors until the tick: no device sync per phase.
+        for key, values in phase_stats.items():
+            ctx.stats[key].append(torch.stack(values).mean())
+    ctx.nonfinite_in_row = ctx.nonfinite_in_row + 1 if any_skipped else 0
+    ctx.skipped_steps += int(any_skipped)
+    nets.G_net.requires_grad_(False)
+    nets.D_net.requires_grad_(False)
+
+
+def collect_stats(ctx: StepContext) -> dict[str, float]:
+    """Means of the stats since the last call, averaged over ranks (one all-reduce)."""
+    keys = sorted(ctx.stats)
+    if not keys:
+        return {}
+    local = torch.stack([torch.stack(ctx.stats[k]).mean() for k in keys])
+    ctx.stats.clear()
+    return dict(zip(keys, ctx.reduce_mean(local).tolist(), strict=True))
+
+
+@torch.no_grad()
+def update_ema(G_ema: torch.nn.Module, G_net: torch.nn.Module, *, cur_nimg: int, batch: int,
+               ema_kimg: float, ema_rampup: float | None) -> None:
+    """G_ema <- lerp(G, G_ema, beta) with a half-life of ema_kimg; buffers copied."""
+    ema_nimg = ema_kimg * 1000
+    if ema_rampup is not None:
+        ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+    beta = 0.5 ** (batch / max(ema_nimg, 1e-8))
+    ema_params = list(G_ema.parameters())
+    params = [p.detach() for p in G_net.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+    for b_ema, b in zip(G_ema.buffers(), G_net.buffers(), strict=True):
+        b_ema.copy_(b)
