@@ -1,0 +1,48 @@
+"""Runs a few real training steps on fixed data; launched by test_distributed.py.
+
+Usage: python ddp_equivalence_worker.py OUT.pt BATCH BATCH_GPU STEPS [PRECISION]
+Under torchrun each rank takes the micro-batches that the global layout assigns it
+(global micro-batch j = round * world_size + rank), so any layout sees the same samples.
+"""
+
+import sys
+
+import torch
+
+from sg2dist.config import load_config
+from sg2dist.train.loop import build_nets, build_step_context, make_accelerator
+from sg2dist.train.step import train_step, update_ema
+
+
+def main() -> None:
+    out, batch, batch_gpu, steps = sys.argv[1], *map(int, sys.argv[2:5])
+    precision = sys.argv[5] if len(sys.argv) > 5 else "no"
+    cfg = load_config(None, [
+        "model.resolution=16", "model.img_channels=3", "model.z_dim=32", "model.w_dim=32",
+        "model.map_layers=2", "model.channel_base=256", "model.channel_max=32",
+        f"train.batch={batch}", f"train.batch_gpu={batch_gpu}", f"train.precision={precision}",
+        "train.pl_interval=2", "train.r1_interval=2", "train.r1_gamma=1.0",
+        "train.pl_batch_shrink=2", "train.style_mixing_prob=0.9",
+    ])
+    acc = make_accelerator(cfg.train.precision)
+    _, accum = cfg.train.batch_layout(acc.num_processes)
+    nets = build_nets(cfg, acc)
+    ctx = build_step_context(cfg, acc)
+    data = torch.Generator().manual_seed(1234)
+    reals = torch.rand(steps * batch, 3, 16, 16, generator=data) * 2 - 1
+    for step in range(steps):
+        micro_batches = []
+        for round_idx in range(accum):
+            j = round_idx * acc.num_processes + acc.process_index
+            start = step * batch + j * batch_gpu
+            micro_batches.append((reals[start:start + batch_gpu], torch.zeros(batch_gpu, 0)))
+        train_step(ctx, nets, step, micro_batches)
+        update_ema(nets.G_ema, nets.G_net, cur_nimg=(step + 1) * batch, batch=batch,
+                   ema_kimg=0.01, ema_rampup=None)
+    if acc.is_main_process:
+        torch.save({"G": nets.G_net.state_dict(), "D": nets.D_net.state_dict(),
+                    "G_ema": nets.G_ema.state_dict(), "pl_mean": ctx.pl_mean}, out)
+
+
+if __name__ == "__main__":
+    main()

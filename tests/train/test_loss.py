@@ -1,0 +1,100 @@
+"""Losses and regularisers against values computed by hand on toy networks."""
+
+import math
+
+import torch
+
+from sg2dist.train import loss as L
+
+
+class QuadraticD(torch.nn.Module):
+    """D(x) = a * sum(x^2) + b, so dD/dx = 2 a x and R1 = 4 a^2 sum(x^2)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor(a))
+        self.b = torch.nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, img, c):
+        return (self.a * img.square().sum(dim=[1, 2, 3]) + self.b).unsqueeze(1)
+
+
+class LinearG(torch.nn.Module):
+    """ws = z repeated over 2 layers; img = (sum of ws) @ M, so J_w^T y = M y per layer."""
+
+    z_dim = 3
+
+    def __init__(self, M: torch.Tensor):
+        super().__init__()
+        self.M = torch.nn.Parameter(M)
+        self.eye = torch.nn.Parameter(torch.eye(3))
+
+    def forward(self, z, c, style_mixing_prob=0.0, return_ws=False):
+        ws = (z @ self.eye).unsqueeze(1).repeat(1, 2, 1)  # like a mapping net, ws need grad
+        img = (ws.sum(dim=1) @ self.M).reshape(len(z), 1, 2, 2)
+        return (img, ws) if return_ws else img
+
+
+def test_r1_equals_the_hand_computed_penalty_times_gamma_half_and_interval():
+    D = QuadraticD(a=0.3)
+    x = torch.randn(4, 1, 2, 2)
+    loss, stats = L.r1_loss(D, x, torch.zeros(4, 0), r1_gamma=10.0, gain=16)
+    penalty = 4 * 0.3**2 * x.square().sum(dim=[1, 2, 3])
+    assert torch.allclose(stats["loss_r1"], penalty.mean())
+    assert torch.allclose(loss, (penalty * 10.0 / 2).mean() * 16)
+
+
+def test_r1_gradient_reaches_every_discriminator_parameter():
+    D = QuadraticD(a=0.3)
+    loss, _ = L.r1_loss(D, torch.randn(4, 1, 2, 2), torch.zeros(4, 0), r1_gamma=1.0, gain=1)
+    loss.backward()
+    # d/da of (gamma/2) 4 a^2 sum x^2 is nonzero; b gets an explicit zero gradient (DDP needs it).
+    assert D.a.grad is not None and D.a.grad.abs() > 0
+    assert D.b.grad is not None and D.b.grad == 0
+
+
+def test_path_lengths_equal_the_norm_of_the_jacobian_transpose_times_image_noise():
+    M = torch.randn(3, 4)
+    G = LinearG(M)
+    z = torch.randn(5, 3)
+    torch.manual_seed(7)
+    lengths, _ = L.path_lengths(G, z, torch.zeros(5, 0), style_mixing_prob=0.0)
+    torch.manual_seed(7)
+    y = torch.randn(5, 1, 2, 2) / math.sqrt(4)
+    expected = (y.reshape(5, 4) @ M.T).norm(dim=1)  # |M y| for each of the 2 identical layers
+    assert torch.allclose(lengths, expected, atol=1e-6)
+
+
+def test_path_length_penalty_uses_pl_mean_weight_and_interval():
+    lengths = torch.tensor([1.0, 3.0])
+    img = torch.zeros(2, 1, 2, 2)
+    loss, stats = L.pl_loss(lengths, img, pl_mean=2.0, pl_weight=2.0, gain=4)
+    assert torch.allclose(stats["loss_pl"], torch.tensor(1.0))  # ((1-2)^2 + (3-2)^2) / 2
+    assert torch.allclose(loss, torch.tensor(1.0 * 2.0 * 4))
+
+
+def test_pl_mean_moves_towards_the_batch_mean_by_the_decay():
+    assert L.update_pl_mean(0.0, 2.0, 0.01) == 0.02
+    pl_mean = 0.0
+    for _ in range(2000):
+        pl_mean = L.update_pl_mean(pl_mean, 2.0, 0.01)
+    assert abs(pl_mean - 2.0) < 1e-6
+
+
+def test_lazy_regularisation_scales_adam_lr_and_betas_by_interval_over_interval_plus_one():
+    lr, betas = L.lazy_adam_hparams(0.002, [0.0, 0.99], 16)
+    c = 16 / 17
+    assert math.isclose(lr, 0.002 * c)
+    assert betas == (0.0, 0.99**c)
+    assert L.lazy_adam_hparams(0.002, [0.0, 0.99], 0) == (0.002, (0.0, 0.99))
+
+
+def test_logistic_losses_are_softplus_of_the_logits():
+    class ConstD(torch.nn.Module):
+        def forward(self, img, c):
+            return img.mean(dim=[1, 2, 3]).unsqueeze(1)
+
+    real = torch.full((2, 1, 2, 2), 1.5)
+    loss, stats = L.d_real_loss(ConstD(), real, torch.zeros(2, 0))
+    assert torch.allclose(loss, torch.nn.functional.softplus(torch.tensor(-1.5)))
+    assert torch.allclose(stats["D_real"], torch.tensor(1.5))
