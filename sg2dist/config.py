@@ -9,6 +9,7 @@ in `configs/` list only what differs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,23 @@ from typing import Any
 import yaml
 
 from sg2dist.errors import UserError
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false, so `precision: no` stays a string."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(UserError):
@@ -213,7 +231,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str):  # --set train.betas=0,0.99
-            value = [yaml.safe_load(part) for part in value.split(",")]
+            value = [load_yaml(part) for part in value.split(",")]
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_coerce(item, item_type, key) for item in value]
@@ -266,7 +284,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set '{pair}' is not KEY=VALUE; write e.g. --set train.batch=64")
-        overrides[key.strip()] = yaml.safe_load(text) if text else ""
+        overrides[key.strip()] = load_yaml(text) if text else ""
     return overrides
 
 
@@ -278,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass --config with an existing YAML file")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML ({exc}); fix the syntax") from None
         if not isinstance(tree, dict):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +61,20 @@ def save_checkpoint(run_dir: str, cur_nimg: int, state: dict[str, Any], meta: di
         state_bytes=len(state_bytes),
     )
     storage.write_bytes(storage.join(folder, STATE_FILE), state_bytes)
+    _failpoint("checkpoint-after-state")
     storage.write_text(storage.join(folder, META_FILE), json.dumps(meta, indent=1, sort_keys=True))
     storage.write_text(storage.join(checkpoints_url(run_dir), POINTER_FILE), folder_name(cur_nimg))
     return folder
+
+
+def _failpoint(name: str) -> None:
+    """SIGKILL this process here when SG2DIST_FAILPOINT names this point.
+
+    Crash tests use it to die exactly between two writes of a checkpoint, which a
+    timed `kill -9` would hit only by luck.
+    """
+    if os.environ.get("SG2DIST_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _read_verified(folder: str) -> Checkpoint | None:

@@ -40,8 +40,13 @@ def main() -> None:
         update_ema(nets.G_ema, nets.G_net, cur_nimg=(step + 1) * batch, batch=batch,
                    ema_kimg=0.01, ema_rampup=None)
     if acc.is_main_process:
-        torch.save({"G": nets.G_net.state_dict(), "D": nets.D_net.state_dict(),
-                    "G_ema": nets.G_ema.state_dict(), "pl_mean": ctx.pl_mean}, out)
+        # Parameters only: buffers such as w_avg are running statistics each rank keeps for its
+        # own fakes (as in the official code); they do not feed back into training.
+        def params(net):
+            return {name: p.detach() for name, p in net.named_parameters()}
+
+        torch.save({"G": params(nets.G_net), "D": params(nets.D_net), "G_ema": params(nets.G_ema),
+                    "pl_mean": ctx.pl_mean}, out)
 
 
 if __name__ == "__main__":
