@@ -155,8 +155,9 @@ def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
     t = cfg.train
     g_lr, g_betas = lazy_adam_hparams(t.g_lr, t.betas, t.pl_interval if t.pl_weight > 0 else 0)
     d_lr, d_betas = lazy_adam_hparams(t.d_lr, t.betas, t.r1_interval if t.r1_gamma > 0 else 0)
-    G_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=g_betas, eps=t.eps)
-    D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=t.eps)
+    # fused: one kernel for all parameters instead of ~10 ops per tensor (CPU and CUDA).
+    G_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=g_betas, eps=t.eps, fused=True)
+    D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=t.eps, fused=True)
     G_ddp, D_ddp, G_opt, D_opt = accelerator.prepare(G, D, G_opt, D_opt)
     return Nets(
         G_ddp=G_ddp, D_ddp=D_ddp,

@@ -1,0 +1,341 @@
+"""FID, KID, IS and precision/recall of a generator against its dataset (torch-fidelity).
+
+Metric names are `<kind><count>[k]`: fid50k, kid50k, fid10k, is50k, pr50k. The count is
+the number of generated images; the real images are the whole dataset when it is
+smaller, else its first `count` images in manifest order.
+
+Work split: every rank generates and embeds the batches whose index i has
+i % world_size == rank; rank 0 gathers the Inception features (torch.distributed
+gather_object), computes the scores and broadcasts them, so every rank returns the same
+dict. The caller runs it on all ranks at once (the trainer raises the process-group
+timeout so a long evaluation cannot trip it). Batch i always draws its latents from
+seed i on a forked RNG: scores do not depend on the world size, and the caller's RNG
+state is left as it was (exact resume).
+
+Real-image features are computed once per (dataset manifest hash, real image count,
+feature extractor) and cached next to the dataset as
+`<data url>/metrics-cache/<hash>-<count>-<extractor>.npy` (local or S3, via storage),
+reused by every later evaluation of every run. A dataset location that cannot be
+written only costs a recomputation next time.
+
+Inception weights: torch-fidelity downloads them on first use. Offline clusters set
+`metrics.inception_weights` (local path or s3://, copied once to the torch hub cache)
+to a copy of weights-inception-2015-12-05-6726825d.pth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch_fidelity import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import calculate_precision_recall_part
+from tqdm import tqdm
+
+from sg2dist import storage
+from sg2dist.data import iter_images, open_manifest
+from sg2dist.errors import UserError
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_BYTES = 95_628_359
+INCEPTION_SHA256_PREFIX = "6726825d0af5f729cebd5821db510"
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+)
+FEATURE_LAYER = {"fid": "2048", "kid": "2048", "pr": "2048", "is": "logits_unbiased"}
+CACHE_FOLDER = "metrics-cache"
+KID_SUBSET_SIZE = 1000  # the KID paper's subset size; lowered for smaller image counts
+PR_NEIGHBORHOOD = 3  # k of the k-NN balls in improved precision/recall
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as the user wrote it, also the key of the result
+    kind: str  # fid | kid | is | pr
+    count: int  # generated images
+    real_count: int  # real images (at most the dataset's size)
+
+
+def parse_metric(name: str) -> MetricSpec:
+    match = re.fullmatch(r"(fid|kid|is|pr)(\d+)(k?)", name.strip().lower())
+    if match is None:
+        raise UserError(
+            f"metric '{name}' is not known; write KIND+COUNT with KIND one of fid, kid, is, pr "
+            "and COUNT the generated images, e.g. fid50k, kid50k, fid10k, is50k, pr50k"
+        )
+    kind, number, thousands = match.groups()
+    count = int(number) * (1000 if thousands else 1)
+    if count < 2:
+        raise UserError(f"metric '{name}' needs at least 2 images; write e.g. fid50k")
+    return MetricSpec(name.strip(), kind, count, count)
+
+
+# ---------------------------------------------------------------------------- feature extractor
+
+
+def _local_weights(url: str) -> str:
+    """A local path for `url`; an s3:// file is copied once into the torch hub cache."""
+    if storage.is_s3(url):
+        url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
+        local = Path(torch.hub.get_dir()) / "sg2dist" / f"{url_hash}-{url.rsplit('/', 1)[-1]}"
+        if not local.is_file():
+            storage.download_file(url, str(local))
+        return str(local)
+    if not os.path.isfile(url):
+        raise UserError(
+            f"metrics.inception_weights={url} does not exist; point it (or --inception-weights) "
+            f"at a copy of {INCEPTION_FILE}"
+        )
+    return url
+
+
+def _sha256_prefix(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def missing_weights_message(reason: str) -> str:
+    return (
+        f"FID/KID need torch-fidelity's Inception weights {INCEPTION_FILE} ({INCEPTION_BYTES:,} "
+        f"bytes, sha256 {INCEPTION_SHA256_PREFIX}...), which could not be downloaded ({reason}); "
+        f"copy it from {INCEPTION_URL} onto this machine or into S3 and set "
+        "metrics.inception_weights=PATH_OR_S3_URL (sg2dist metrics: --inception-weights), "
+        f"or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}"
+    )
+
+
+def load_feature_extractor(weights: str, layers: list[str], device: torch.device
+                           ) -> tuple[FeatureExtractorInceptionV3, str]:
+    """(Inception feature extractor on `device`, id naming its weights for cache keys)."""
+    path = _local_weights(weights) if weights else None
+    try:
+        extractor = FeatureExtractorInceptionV3(
+            "inception-v3-compat", layers, feature_extractor_weights_path=path, verbose=False
+        )
+    except OSError as exc:  # URLError, HTTPError, connection errors: no internet
+        if path is not None:
+            raise UserError(f"cannot read Inception weights {weights} ({exc})") from None
+        raise UserError(missing_weights_message(f"{type(exc).__name__}: {exc}")) from None
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise UserError(
+            f"{weights or 'the downloaded file'} is not torch-fidelity's Inception weights "
+            f"file {INCEPTION_FILE} ({str(exc).splitlines()[0][:200]}); replace it"
+        ) from None
+    weights_id = _sha256_prefix(path) if path else INCEPTION_SHA256_PREFIX[:12]
+    return extractor.to(device), f"inception-{weights_id}"
+
+
+def _embed(extractor: FeatureExtractorInceptionV3, img_uint8_NCHW: torch.Tensor
+           ) -> dict[str, torch.Tensor]:
+    """Features per layer name (CPU float32) of uint8 images with 1 or 3 channels."""
+    if img_uint8_NCHW.shape[1] == 1:
+        img_uint8_NCHW = img_uint8_NCHW.expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        features = extractor(img_uint8_NCHW)
+    return {name: f.float().cpu() for name, f in zip(extractor.features_list, features,
+                                                     strict=True)}
+
+
+# ---------------------------------------------------------------------------- ranks
+
+
+def _owned(batch_index: int, rank: int, world_size: int) -> bool:
+    return batch_index % world_size == rank
+
+
+def _gather_features(parts: list[tuple[int, dict[str, torch.Tensor]]], rank: int,
+                     world_size: int) -> dict[str, torch.Tensor] | None:
+    """All ranks' (batch index, features) concatenated in batch order on rank 0 (None
+    elsewhere), so that a prefix is the same image set whatever the world size."""
+    if world_size > 1:
+        gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+        dist.gather_object(parts, gathered, dst=0)
+        if rank != 0:
+            return None
+        parts = sorted((part for rank_parts in gathered for part in rank_parts),
+                       key=lambda part: part[0])
+    names = parts[0][1].keys()
+    return {name: torch.cat([features[name] for _, features in parts]) for name in names}
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _forked_rng(device: torch.device) -> Any:
+    """Seed freely inside; the caller's CPU (and CUDA) RNG state comes back untouched."""
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.random.fork_rng(devices=[index])
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def _real_batches(data_url: str, num_real: int, batch: int, rank: int, world_size: int
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(batch index, uint8 NCHW images) of the first `num_real` dataset images, for the
+    batches owned by `rank`."""
+    images: list[np.ndarray] = []
+    batch_index = 0
+    for index, (img_CHW, _label) in enumerate(iter_images(data_url)):
+        if index == num_real:
+            break
+        images.append(img_CHW)
+        if len(images) == batch or index == num_real - 1:
+            if _owned(batch_index, rank, world_size):
+                yield batch_index, torch.from_numpy(np.stack(images))
+            images, batch_index = [], batch_index + 1
+
+
+def _generated_batches(G: torch.nn.Module, num_gen: int, batch: int, device: torch.device,
+                       rank: int, world_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(batch index, uint8 NCHW images) from G with random z (and uniformly random
+    classes), batch i drawn from seed i, for the batches owned by `rank`."""
+    num_batches = -(-num_gen // batch)
+    for batch_index in range(num_batches):
+        if not _owned(batch_index, rank, world_size):
+            continue
+        n = min(batch, num_gen - batch_index * batch)
+        with _forked_rng(device), torch.no_grad():
+            torch.manual_seed(batch_index)  # also seeds G's per-layer noise
+            z = torch.randn([n, G.z_dim], device=device)
+            c = torch.zeros([n, G.c_dim], device=device)
+            if G.c_dim > 0:
+                c[torch.arange(n), torch.randint(G.c_dim, (n,), device=device)] = 1
+            img = G(z, c, noise_mode="random")
+        yield batch_index, (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def _features(batches: Iterator[tuple[int, torch.Tensor]], extractor: FeatureExtractorInceptionV3,
+              device: torch.device, total: int, what: str, rank: int, world_size: int
+              ) -> dict[str, torch.Tensor] | None:
+    parts = []
+    with tqdm(total=total, desc=what, unit="img", disable=True if rank else None,
+              leave=False) as progress:
+        for batch_index, img_uint8_NCHW in batches:
+            parts.append((batch_index, _embed(extractor, img_uint8_NCHW.to(device))))
+            progress.update(len(img_uint8_NCHW) * world_size)
+    return _gather_features(parts, rank, world_size)
+
+
+# ---------------------------------------------------------------------------- real statistics
+
+
+def _cache_url(data_url: str, manifest_hash: str, num_real: int, extractor_id: str) -> str:
+    name = f"{manifest_hash[:16]}-{num_real}-{extractor_id}.npy"
+    return storage.join(data_url, CACHE_FOLDER, name)
+
+
+def _read_cache(url: str, num_real: int) -> torch.Tensor | None:
+    if not storage.exists(url):
+        return None
+    features = np.load(io.BytesIO(storage.read_bytes(url)), allow_pickle=False)
+    if features.shape != (num_real, 2048) or features.dtype != np.float32:
+        print(f"[metrics] ignoring {url}: shape {features.shape} {features.dtype}; recomputing")
+        return None
+    return torch.from_numpy(features)
+
+
+def _write_cache(url: str, features: torch.Tensor) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, features.numpy().astype(np.float32), allow_pickle=False)
+    try:
+        storage.write_bytes(url, buffer.getvalue())
+    except (UserError, OSError) as exc:  # e.g. a read-only dataset bucket
+        print(f"[metrics] could not cache real-image features at {url} ({exc}); "
+              "they will be recomputed next time")
+
+
+def real_features(data_url: str, manifest_hash: str, num_real: int,
+                  extractor: FeatureExtractorInceptionV3, extractor_id: str, *,
+                  device: torch.device, batch: int, rank: int, world_size: int
+                  ) -> torch.Tensor | None:
+    """[num_real, 2048] Inception features of the dataset on rank 0 (None elsewhere),
+    from the cache next to the dataset when there is one."""
+    cache_url = _cache_url(data_url, manifest_hash, num_real, extractor_id)
+    cached = _read_cache(cache_url, num_real) if rank == 0 else None
+    if _broadcast(cached is not None, world_size):
+        return cached
+    batches = _real_batches(data_url, num_real, batch, rank, world_size)
+    features = _features(batches, extractor, device, num_real, "real images", rank, world_size)
+    if features is None:
+        return None
+    _write_cache(cache_url, features["2048"])
+    return features["2048"]
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor
+           ) -> dict[str, float]:
+    """One metric from the features of the first spec.count generated images."""
+    gen_features = gen[FEATURE_LAYER[spec.kind]][: spec.count]
+    if spec.kind == "is":
+        return {spec.name: isc_features_to_metric(gen_features)["inception_score_mean"]}
+    real = real[: spec.real_count]
+    if spec.kind == "fid":
+        stats_gen = fid_features_to_statistics(gen_features)
+        stats_real = fid_features_to_statistics(real)
+        return {spec.name: fid_statistics_to_metric(stats_gen, stats_real, verbose=False)[
+            "frechet_inception_distance"]}
+    if spec.kind == "kid":
+        subset = min(KID_SUBSET_SIZE, len(gen_features), len(real))
+        kid = kid_features_to_metric(gen_features, real, kid_subset_size=subset, verbose=False)
+        return {spec.name: kid["kernel_inception_distance_mean"]}
+    precision, recall = calculate_precision_recall_part(gen_features, real, PR_NEIGHBORHOOD)
+    return {f"{spec.name}_precision": precision, f"{spec.name}_recall": recall}
+
+
+def compute_metrics(G_ema: torch.nn.Module, data_url: str, metrics: list[str], *,
+                    device: torch.device | str, inception_weights: str = "",
+                    num_gen: int | None = None, batch: int = 64, rank: int = 0,
+                    world_size: int = 1) -> dict[str, float]:
+    """Scores of G_ema against the dataset at `data_url`, e.g. {'fid50k': 3.1}; the same
+    dict on every rank. `num_gen` overrides the generated image count of every metric.
+    With world_size > 1 every rank must call it (torch.distributed collectives)."""
+    device = torch.device(device)
+    specs = [parse_metric(name) for name in metrics]
+    if num_gen is not None:
+        specs = [MetricSpec(spec.name, spec.kind, num_gen, spec.real_count) for spec in specs]
+    manifest = open_manifest(data_url)
+    layers = sorted({FEATURE_LAYER[spec.kind] for spec in specs})
+    extractor, extractor_id = load_feature_extractor(inception_weights, layers, device)
+
+    gen_count = max(spec.count for spec in specs)
+    gen_batches = _generated_batches(G_ema, gen_count, batch, device, rank, world_size)
+    gen = _features(gen_batches, extractor, device, gen_count, "generated images", rank,
+                    world_size)
+    real = None
+    paired = [spec for spec in specs if spec.kind != "is"]
+    if paired:
+        num_real = min(max(spec.real_count for spec in paired), manifest.num_images)
+        real = real_features(data_url, manifest.manifest_hash, num_real, extractor,
+                             extractor_id, device=device, batch=batch, rank=rank,
+                             world_size=world_size)
+    scores: dict[str, float] = {}
+    if rank == 0:
+        for spec in specs:
+            scores.update(_score(spec, gen, real))
+    return _broadcast(scores, world_size)

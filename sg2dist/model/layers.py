@@ -1,0 +1,282 @@
+"""StyleGAN2 building blocks: equalized-LR layers, FIR resampling, modulated convolution.
+
+Conventions shared by every layer here:
+
+- Equalized learning rate: weights are stored as N(0, 1) / lr_mult and multiplied at run
+  time by lr_mult / sqrt(fan_in); biases are multiplied by lr_mult. Adam then moves every
+  layer at the same effective speed whatever its fan-in.
+- Activations: leaky ReLU (slope 0.2) followed by the gain sqrt(2) that keeps unit variance,
+  or linear (gain 1). Because lrelu(z) * g == lrelu(z * g) for g > 0, layers fold the gain
+  into their (small) weights, biases and scales instead of spending a pass over the
+  activations on it.
+- FIR resampling uses the separable [1, 3, 3, 1] filter with the padding and gain of the
+  official `upfirdn2d`: 2x upsampling has gain 4 (so a constant image stays constant),
+  2x downsampling gain 1. Every filter is a depthwise convolution in a single call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2.0)
+ACTIVATION_GAINS = {"linear": 1.0, "lrelu": LRELU_GAIN}
+FIR_TAPS = (1.0, 3.0, 3.0, 1.0)
+
+
+def activation_gain(activation: str) -> float:
+    if activation not in ACTIVATION_GAINS:
+        raise ValueError(f"activation '{activation}' is not one of {', '.join(ACTIVATION_GAINS)}")
+    return ACTIVATION_GAINS[activation]
+
+
+def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+def lrelu_clamp_(x: torch.Tensor, clamp: float | None) -> torch.Tensor:
+    """Leaky ReLU in place (x must be a fresh tensor no autograd node saved), then optional clamp.
+
+    The in-place activation saves a full-size copy; autograd keeps only its result, which
+    is all the backward (and double backward) of leaky ReLU needs.
+    """
+    x = F.leaky_relu_(x, LRELU_SLOPE)
+    return x.clamp(-clamp, clamp) if clamp is not None else x
+
+
+# ---------------------------------------------------------------------------- FIR filter
+
+
+def fir_filter(taps: tuple[float, ...] = FIR_TAPS) -> torch.Tensor:
+    """The 2D low-pass filter [k, k] (outer product of `taps`), normalised to sum 1."""
+    f_1d = torch.tensor(taps, dtype=torch.float32)
+    f_2d = torch.outer(f_1d, f_1d)
+    return f_2d / f_2d.sum()
+
+
+def _depthwise(f_kk: torch.Tensor, channels: int, gain: float, dtype: torch.dtype) -> torch.Tensor:
+    """Filter as a depthwise conv weight [C, 1, k, k]. The filter is symmetric, so the
+    correlation torch computes equals the convolution upfirdn2d defines."""
+    return (f_kk * gain).to(dtype).expand(channels, 1, *f_kk.shape)
+
+
+def upsample2d(x: torch.Tensor, f_kk: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, 2H, 2W]: zero insertion, pad (2, 1), filter with gain 4.
+
+    A transposed depthwise convolution with stride 2 and padding 1 does exactly that in
+    one call, without materialising the zero-filled image.
+    """
+    channels = x.shape[1]
+    kernel = _depthwise(f_kk, channels, 4.0, x.dtype)
+    return F.conv_transpose2d(x, kernel, stride=2, padding=1, groups=channels)
+
+
+def downsample2d(x: torch.Tensor, f_kk: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, H/2, W/2]: pad (1, 1), filter, keep every second pixel.
+
+    The stride-2 convolution computes only the pixels that are kept.
+    """
+    channels = x.shape[1]
+    return F.conv2d(x, _depthwise(f_kk, channels, 1.0, x.dtype), stride=2, padding=1,
+                    groups=channels)
+
+
+def blur2d(x: torch.Tensor, f_kk: torch.Tensor, pad: int, gain: float = 1.0) -> torch.Tensor:
+    """Filter each channel with symmetric zero padding `pad` (no resampling)."""
+    channels = x.shape[1]
+    return F.conv2d(x, _depthwise(f_kk, channels, gain, x.dtype), padding=pad, groups=channels)
+
+
+# ---------------------------------------------------------------------------- equalized LR
+
+
+class FullyConnected(nn.Module):
+    """Equalized-LR linear layer with bias and optional leaky ReLU."""
+
+    def __init__(self, in_features: int, out_features: int, *, activation: str = "linear",
+                 lr_mult: float = 1.0, bias_init: float = 0.0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn([out_features, in_features]) / lr_mult)
+        self.bias = nn.Parameter(torch.full([out_features], float(bias_init)))
+        self.weight_gain = lr_mult / math.sqrt(in_features)
+        self.bias_gain = lr_mult
+        self.act_gain = activation_gain(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * (self.weight_gain * self.act_gain)
+        b = self.bias * (self.bias_gain * self.act_gain)
+        x = torch.addmm(b.to(x.dtype), x, w.to(x.dtype).t())
+        if self.activation == "lrelu":
+            x = F.leaky_relu_(x, LRELU_SLOPE)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.activation}"
+
+
+class Conv2dLayer(nn.Module):
+    """Equalized-LR convolution with bias, activation, optional FIR downsampling and clamp.
+
+    `down=True` halves the resolution like the official conv2d_resample: a 3x3 kernel
+    blurs (pad 2) and then convolves with stride 2; a 1x1 kernel downsamples first, which
+    is 4x cheaper than convolving at full resolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 bias: bool = True, activation: str = "linear", down: bool = False,
+                 conv_clamp: float | None = None):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.down = down
+        self.conv_clamp = conv_clamp
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        self.bias = nn.Parameter(torch.zeros([out_channels])) if bias else None
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size**2)
+        self.act_gain = activation_gain(activation)
+        self.register_buffer("fir", fir_filter(), persistent=False)
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        act_gain = self.act_gain * gain
+        w = (self.weight * (self.weight_gain * act_gain)).to(x.dtype)
+        b = (self.bias * act_gain).to(x.dtype) if self.bias is not None else None
+        if self.down and self.kernel_size == 1:
+            x = F.conv2d(downsample2d(x, self.fir), w, b)
+        elif self.down:
+            x = F.conv2d(blur2d(x, self.fir, pad=2), w, b, stride=2)
+        else:
+            x = F.conv2d(x, w, b, padding=self.kernel_size // 2)
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        if self.activation == "lrelu":
+            return lrelu_clamp_(x, clamp)
+        return x.clamp(-clamp, clamp) if clamp is not None else x
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels} -> {self.out_channels}, k={self.kernel_size}, "
+                f"{self.activation}, down={self.down}")
+
+
+# ---------------------------------------------------------------------------- modulated conv
+
+
+def demodulation_coefficients(weight_OIkk: torch.Tensor, styles_NI: torch.Tensor) -> torch.Tensor:
+    """1 / ||weight modulated by styles|| per sample and output channel: [N, O].
+
+    sum_{i,k} (w[o,i,k] s[n,i])^2 == sum_i s[n,i]^2 sum_k w[o,i,k]^2, a small matmul, so the
+    per-sample weights [N, O, I, k, k] never need to exist.
+    """
+    w_sq_OI = weight_OIkk.square().sum(dim=(2, 3))
+    return (styles_NI.square() @ w_sq_OI.t() + 1e-8).rsqrt()
+
+
+def modulated_conv2d(
+    x_NIHW: torch.Tensor,
+    weight_OIkk: torch.Tensor,
+    styles_NI: torch.Tensor,
+    *,
+    demodulate: bool = True,
+    out_gain: float = 1.0,
+    up: bool = False,
+    fir: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    bias_O: torch.Tensor | None = None,
+    fused: bool = False,
+) -> torch.Tensor:
+    """conv(x, weight scaled per sample by `styles` on its input channels [and demodulated])
+    * out_gain + noise + bias.
+
+    `noise` ([N or 1, 1, H, W] or [H, W]) and `bias_O` are added as given (the caller scales
+    them). `up=True` doubles the resolution like the official code: a stride-2 transposed
+    convolution followed by the FIR filter (pad 1, gain 4); it needs `fir`.
+
+    Two equivalent forms:
+    - fused=False: scale the activations by the styles, run one convolution with the shared
+      weight, scale the result per sample and channel (what training uses; the weight
+      gradient is a single dense convolution gradient).
+    - fused=True: build per-sample weights and run one grouped convolution with the batch
+      folded into the groups (fast for inference with small batches).
+    A 1x1 kernel without upsampling is a per-sample matrix product: both forms use bmm.
+    """
+    N, in_channels, H, W = x_NIHW.shape
+    out_channels, _, kh, kw = weight_OIkk.shape
+    if x_NIHW.dtype == torch.float16 and demodulate:
+        # Demodulation is scale-invariant; normalising first keeps fp16 products finite.
+        weight_OIkk = weight_OIkk * (1.0 / math.sqrt(in_channels * kh * kw)
+                                     / weight_OIkk.abs().amax(dim=(1, 2, 3), keepdim=True))
+        styles_NI = styles_NI / styles_NI.abs().amax(dim=1, keepdim=True)
+
+    scale_NO = demodulation_coefficients(weight_OIkk, styles_NI) if demodulate else None
+    if out_gain != 1.0:
+        scale_NO = scale_NO * out_gain if scale_NO is not None else styles_NI.new_full(
+            [N, out_channels], out_gain)
+    dtype = x_NIHW.dtype
+
+    pending_scale_NO = None  # per-sample scale not folded into the weights yet
+    if kh == 1 and kw == 1 and not up:
+        w_NOI = weight_OIkk.reshape(1, out_channels, in_channels) * styles_NI.unsqueeze(1)
+        if scale_NO is not None:
+            w_NOI = w_NOI * scale_NO.unsqueeze(2)
+        y = torch.bmm(w_NOI.to(dtype), x_NIHW.reshape(N, in_channels, H * W))
+        y = y.reshape(N, out_channels, H, W)
+    elif fused:
+        y = _grouped_modulated_conv(x_NIHW, weight_OIkk, styles_NI, scale_NO, up)
+    else:
+        x = x_NIHW * styles_NI.to(dtype).reshape(N, in_channels, 1, 1)
+        y = _conv_maybe_up(x, weight_OIkk.to(dtype), up, groups=1)
+        pending_scale_NO = scale_NO.to(dtype) if scale_NO is not None else None
+    if up:
+        if fir is None:
+            raise ValueError("modulated_conv2d(up=True) needs the FIR filter `fir`")
+        # The per-channel scale commutes with the per-channel filter, so it can wait.
+        y = blur2d(y, fir, pad=1, gain=4.0)
+    return _add_noise_bias(y, noise, bias_O, pending_scale_NO)
+
+
+def _conv_maybe_up(x: torch.Tensor, weight_OIkk: torch.Tensor, up: bool, groups: int):
+    """Plain 'same' convolution, or (up) a stride-2 transposed conv whose output [2H+1] the
+    FIR blur (pad 1) later brings to 2H."""
+    if not up:
+        return F.conv2d(x, weight_OIkk, padding=weight_OIkk.shape[-1] // 2, groups=groups)
+    out_per_group = weight_OIkk.shape[0] // groups
+    in_per_group, k = weight_OIkk.shape[1], weight_OIkk.shape[-1]
+    # conv_transpose2d wants [in, out/groups, k, k]; swap the channel axes within each group.
+    weight_IOkk = (weight_OIkk.reshape(groups, out_per_group, in_per_group, k, k)
+                   .transpose(1, 2).reshape(groups * in_per_group, out_per_group, k, k))
+    return F.conv_transpose2d(x, weight_IOkk, stride=2, groups=groups)
+
+
+def _grouped_modulated_conv(x_NIHW, weight_OIkk, styles_NI, scale_NO, up):
+    N, in_channels, H, W = x_NIHW.shape
+    out_channels, _, kh, kw = weight_OIkk.shape
+    w = weight_OIkk.unsqueeze(0) * styles_NI.reshape(N, 1, in_channels, 1, 1)
+    if scale_NO is not None:
+        w = w * scale_NO.reshape(N, out_channels, 1, 1, 1)
+    w = w.reshape(N * out_channels, in_channels, kh, kw).to(x_NIHW.dtype)
+    y = _conv_maybe_up(x_NIHW.reshape(1, N * in_channels, H, W), w, up, groups=N)
+    return y.reshape(N, out_channels, *y.shape[2:])
+
+
+def _add_noise_bias(y, noise, bias_O, scale_NO):
+    """y * scale + noise + bias with as few full-size passes as the inputs allow."""
+    if scale_NO is not None:
+        scale = scale_NO.reshape(*scale_NO.shape, 1, 1)
+        if noise is not None:
+            y = torch.addcmul(noise.to(y.dtype), y, scale)
+        elif bias_O is not None:
+            return torch.addcmul(bias_O.to(y.dtype).reshape(1, -1, 1, 1), y, scale)
+        else:
+            return y * scale
+    elif noise is not None:
+        y = y + noise.to(y.dtype)
+    if bias_O is not None:
+        y = y.add_(bias_O.to(y.dtype).reshape(1, -1, 1, 1))
+    return y

@@ -1,0 +1,252 @@
+"""launch/sg2dist-launch, the container entry point, run for real on loopback.
+
+Two copies of the script on one machine play machine 0 and machine 1 of a 2-node job
+(CPU, gloo). Most tests run `ddp_probe` (a tiny torch.distributed program, next to this
+file) in place of `sg2dist train` through the script's SG2DIST_ENTRY_MODULE hook; the last
+one trains the quickstart for real.
+"""
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / "launch" / "sg2dist-launch"
+PROBE_DIR = Path(__file__).resolve().parent
+LAUNCH_VARS = (
+    "NNODES", "GPUS_PER_NODE", "NODE_RANK", "JOB_COMPLETION_INDEX", "MASTER_ADDR",
+    "MASTER_PORT", "SG2DIST_CONFIG", "SG2DIST_SET", "SG2DIST_WAIT_S", "SG2DIST_ENTRY_MODULE",
+    "SG2DIST_ACCELERATE_CONFIG", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "WORLD_SIZE", "RANK",
+)  # fmt: skip
+TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def probe_env(out_dir: Path, **variables: str) -> dict[str, str]:
+    """The environment of one launch running the probe; `variables` as a Job would set them."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(
+        PYTHONPATH=str(PROBE_DIR),
+        SG2DIST_ENTRY_MODULE="ddp_probe",
+        PROBE_OUT=str(out_dir),
+        SG2DIST_CONFIG=str(ROOT / "configs" / "quickstart.yaml"),
+        CUDA_VISIBLE_DEVICES="",  # CPU path, also on a machine with GPUs
+        OMP_NUM_THREADS="1",
+    )
+    env.update(variables)
+    return env
+
+
+def start(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(LAUNCH), *args],
+        env=env,
+        cwd=env.get("TEST_CWD", ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"launch still running after {TIMEOUT_S} s:\n{out[-2000:]}\n{err[-3000:]}")
+    return process.returncode, out, err
+
+
+def launch(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    return finish(start(env, *args))
+
+
+def two_machines(env0: dict[str, str], env1: dict[str, str]) -> list[tuple[int, str, str]]:
+    """Machines 0 and 1 side by side; machine 1 waits for machine 0's rendezvous port."""
+    processes = [start(env0), start(env1)]
+    return [finish(process) for process in processes]
+
+
+def report(out_dir: Path, rank: int) -> dict:
+    return json.loads((out_dir / f"rank{rank}.json").read_text())
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("sg2dist-launch: error:")]
+
+
+def load_launch_module():
+    loader = importlib.machinery.SourceFileLoader("sg2dist_launch", str(LAUNCH))
+    spec = importlib.util.spec_from_loader("sg2dist_launch", loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------- mechanics
+
+
+def test_two_machines_on_loopback_join_one_process_group(tmp_path):
+    port = str(free_port())
+    shared = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SG2DIST_WAIT_S="120",
+                  SG2DIST_SET="train.kimg=1 'run.dir=/runs/a b'")  # fmt: skip
+    results = two_machines(
+        probe_env(tmp_path, NODE_RANK="0", **shared),
+        # Kubernetes' own variable names the rank when NODE_RANK is unset.
+        probe_env(tmp_path, JOB_COMPLETION_INDEX="1", **shared),
+    )
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"machine {rank}:\n{out}\n{err[-3000:]}"
+        command = next(line for line in out.splitlines() if "running:" in line)
+        assert "ACCELERATE_USE_CPU=1 torchrun --nnodes 2" in command
+        assert f"--node-rank {rank}" in command and f"--master-port {port}" in command
+    reports = [report(tmp_path, rank) for rank in (0, 1)]
+    for rank, seen in enumerate(reports):
+        assert seen["world_size"] == 2 and seen["backend"] == "gloo"
+        assert seen["rank_sum"] == 0 + 1  # the all-reduce crossed the two launches
+        assert seen["env"]["GROUP_RANK"] == str(rank)  # machine rank
+        assert seen["env"]["ACCELERATE_USE_CPU"] == "1"
+        assert seen["command"] == "train"
+        assert seen["config"] == str(ROOT / "configs" / "quickstart.yaml")
+        assert seen["overrides"] == ["train.kimg=1", "run.dir=/runs/a b"]
+
+
+def test_missing_rank_fails_with_the_named_error(tmp_path):
+    env = probe_env(tmp_path, NNODES="2", MASTER_ADDR="127.0.0.1")
+    code, _, err = launch(env)
+    assert code == 2
+    assert error_lines(err) == [
+        "sg2dist-launch: error: NODE_RANK (or JOB_COMPLETION_INDEX) is not set but NNODES=2; "
+        "set NODE_RANK to this machine's rank, 0..1"
+    ]
+    assert not list(tmp_path.glob("rank*.json"))  # nothing was launched
+
+
+@pytest.mark.parametrize("variable", ["NODE_RANK", "JOB_COMPLETION_INDEX"])
+def test_rank_out_of_range_fails_with_the_named_error(variable, tmp_path):
+    env = probe_env(tmp_path, NNODES="2", MASTER_ADDR="127.0.0.1", **{variable: "2"})
+    code, _, err = launch(env)
+    assert code == 2
+    assert error_lines(err) == [
+        f"sg2dist-launch: error: {variable}=2 is out of range for NNODES=2; "
+        "use 0..1 or raise NNODES"
+    ]
+
+
+def test_unreachable_main_address_fails_after_the_bounded_wait(tmp_path):
+    port = free_port()  # nothing listens there
+    env = probe_env(tmp_path, NNODES="2", NODE_RANK="1", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port), SG2DIST_WAIT_S="3")  # fmt: skip
+    started = time.monotonic()
+    code, out, err = launch(env)
+    elapsed_s = time.monotonic() - started
+    assert code == 3  # not 2: pod 0 may still be starting, so the Job retries this pod
+    (line,) = error_lines(err)
+    assert line.startswith(
+        f"sg2dist-launch: error: MASTER_ADDR 127.0.0.1:{port} unreachable after 3 s"
+    )
+    assert "waiting up to 3 s for machine 0" in out
+    assert 3 <= elapsed_s < 60
+
+
+def test_sigterm_reaches_the_trainer_and_the_exit_stays_nonzero(tmp_path):
+    process = start(probe_env(tmp_path, PROBE_MODE="wait-for-sigterm"))
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (tmp_path / "rank0.json").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the probe never started"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    code, _, err = finish(process)
+    assert report(tmp_path, 0)["events"] == ["started", "checkpointed after signal 15"]
+    # The trainer exited 0 after checkpointing, yet this machine did not finish: 128+15 makes
+    # an Indexed Job run the index again (and resume) instead of counting it complete.
+    assert code == 143, err[-2000:]
+
+
+@pytest.mark.parametrize(("trainer_exit", "launch_exit"), [(2, 2), (7, 7), (1, 1)])
+def test_the_trainers_exit_code_survives_the_launcher(trainer_exit, launch_exit, tmp_path):
+    code, _, err = launch(probe_env(tmp_path, PROBE_MODE=f"exit-{trainer_exit}"))
+    assert code == launch_exit, err[-2000:]
+    assert report(tmp_path, 0)["command"] == "train"
+
+
+def test_gpu_machines_get_an_accelerate_command_that_accelerate_accepts(tmp_path):
+    """No GPU here: build the GPU command and let accelerate's own parser and config loader
+    read it (the GPU run itself is exercised on a GPU machine, see the README)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    module = load_launch_module()
+    env = {
+        "NNODES": "4",
+        "NODE_RANK": "3",
+        "MASTER_ADDR": "sg2dist-train-0.sg2dist-train",
+        "SG2DIST_CONFIG": "/etc/sg2dist/train.yaml",
+        "SG2DIST_SET": "train.batch=256",
+    }
+    layout = module.read_layout(env, visible_gpus=8)
+    config = str(ROOT / "launch" / "accelerate" / "multi-node.yaml")
+    command = module.launch_command(layout, module.trainer_arguments(env, []), config, 900)
+    assert command[:2] == ["accelerate", "launch"]
+    args = launch_command_parser().parse_args(command[2:])
+    assert (args.num_machines, args.num_processes, args.machine_rank) == (4, 32, 3)
+    assert (args.main_process_ip, args.main_process_port) == (
+        "sg2dist-train-0.sg2dist-train",
+        29500,
+    )
+    assert args.module and args.training_script == "sg2dist"
+    assert args.training_script_args == [
+        "train", "--config", "/etc/sg2dist/train.yaml", "--set", "train.batch=256"
+    ]  # fmt: skip
+    defaults = load_config_from_file(args.config_file)
+    assert defaults.distributed_type == "MULTI_GPU" and defaults.rdzv_backend == "static"
+    with pytest.raises(module.LaunchError, match="GPUS_PER_NODE=16 but only 8 GPUs"):
+        module.read_layout({**env, "GPUS_PER_NODE": "16"}, visible_gpus=8)
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+def test_two_machines_train_the_quickstart_together_and_write_one_checkpoint(tmp_path, digits_url):
+    run_dir = tmp_path / "run"
+    overrides = [
+        "train.kimg=0.096",  # 3 steps of the global batch 32
+        "train.batch_gpu=16",  # 16 per process x 2 processes
+        f"data.url={digits_url}",
+        f"run.dir={run_dir}",
+        "tracking.enabled=false",
+    ]
+    port = str(free_port())
+    shared = dict(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                  SG2DIST_WAIT_S="120", SG2DIST_SET=shlex.join(overrides))  # fmt: skip
+    results = two_machines(
+        probe_env(tmp_path, NODE_RANK="0", SG2DIST_ENTRY_MODULE="sg2dist", **shared),
+        probe_env(tmp_path, NODE_RANK="1", SG2DIST_ENTRY_MODULE="sg2dist", **shared),
+    )
+    for rank, (code, out, err) in enumerate(results):
+        assert code == 0, f"machine {rank}:\n{out[-3000:]}\n{err[-5000:]}"
+    checkpoints = run_dir / "checkpoints"
+    steps = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
+    assert len(steps) == 1, steps
+    assert (checkpoints / "latest").read_text().strip().endswith(steps[0])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["batch_gpu"] == 16 and saved["train"]["kimg"] == 0.096

@@ -1,0 +1,250 @@
+"""FID/KID plumbing (sg2dist.metrics, `sg2dist metrics`) on a tiny prepared dataset.
+
+The real Inception weights (weights-inception-2015-12-05-6726825d.pth, 95,628,359 bytes)
+cannot be downloaded on the test machines. The tests build their own weights file:
+torch-fidelity's FeatureExtractorInceptionV3, randomly initialised with a fixed seed
+(He-initialised convolutions, so features keep a usable scale), saved as a state dict
+and passed as `inception_weights` exactly like a real copy. Scores are then not the
+published FID scale, but every step of the plumbing is the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch_fidelity import FeatureExtractorInceptionV3
+
+from sg2dist import cli
+from sg2dist.config import Config, ModelConfig
+from sg2dist.data import iter_images, open_manifest
+from sg2dist.data.imageops import ConvertSettings
+from sg2dist.data.prepare import prepare_dataset
+from sg2dist.errors import UserError
+from sg2dist.metrics import CACHE_FOLDER, compute_metrics, parse_metric
+from sg2dist.model import build_networks
+from sg2dist.train.checkpoint import save_checkpoint
+
+RESOLUTION = 16
+NUM_IMAGES = 16
+TINY_G = ModelConfig(resolution=RESOLUTION, img_channels=3, z_dim=16, w_dim=16, map_layers=2,
+                     channel_base=256, channel_max=32)
+
+
+class _ArchitectureOnly(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception with its random initial weights (loading is skipped)."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ARG002
+        return None
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "nothing.pt")
+    torch.manual_seed(0)
+    extractor = _ArchitectureOnly("inception-v3-compat", ["2048"],
+                                  feature_extractor_weights_path=str(folder / "nothing.pt"))
+    for module in extractor.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(extractor.state_dict(), folder / "random-inception.pth")
+    return str(folder / "random-inception.pth")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """16 smooth random RGB images, 16 px, in 3 shards, made by `prepare`'s own code."""
+    root = tmp_path_factory.mktemp("metrics-data")
+    rng = np.random.default_rng(0)
+    (root / "src").mkdir()
+    for i in range(NUM_IMAGES):
+        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+        image.save(root / "src" / f"{i:02d}.png")
+    settings = ConvertSettings(resolution=RESOLUTION)
+    prepare_dataset(str(root / "src"), str(root / "dataset"), settings, labels="none",
+                    shard_size=6, progress=False)
+    return str(root / "dataset")
+
+
+def copy_of(dataset_url: str, folder: Path) -> str:
+    """A private copy the test may damage (and whose cache starts empty)."""
+    return shutil.copytree(dataset_url, folder / "dataset")
+
+
+class ReplayGenerator(nn.Module):
+    """Returns the given images in order, whatever z: its 'generated' set is the dataset."""
+
+    z_dim, c_dim = 8, 0
+
+    def __init__(self, img_uint8_NCHW: torch.Tensor) -> None:
+        super().__init__()
+        self.images = img_uint8_NCHW.float() / 127.5 - 1
+        self.next = 0
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tensor:
+        img = self.images[self.next:self.next + len(z)]
+        self.next += len(z)
+        return img
+
+
+class NoiseGenerator(nn.Module):
+    """Uniform per-pixel noise images."""
+
+    z_dim, c_dim = 8, 0
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.rand(len(z), 3, RESOLUTION, RESOLUTION) * 2 - 1
+
+
+def test_fid_is_zero_for_the_dataset_itself_large_for_noise_and_reals_come_from_the_cache(
+        dataset: str, inception_weights: str, tmp_path: Path) -> None:
+    data_url = copy_of(dataset, tmp_path)
+    reals = torch.from_numpy(np.stack([img for img, _ in iter_images(data_url)]))
+    options = {"device": "cpu", "inception_weights": inception_weights, "batch": 8}
+
+    itself = compute_metrics(ReplayGenerator(reals), data_url, ["fid16", "kid16"], **options)
+    cached = list((Path(data_url) / CACHE_FOLDER).iterdir())
+    assert [path.name for path in cached] == [
+        f"{open_manifest(data_url).manifest_hash[:16]}-16-inception-"
+        f"{_sha256_prefix(inception_weights)}.npy"]
+
+    # With the shards gone, the real images can only come from the cache.
+    for shard in open_manifest(data_url).shards:
+        os.remove(Path(data_url, shard.name))
+    noise = compute_metrics(NoiseGenerator(), data_url, ["fid16", "kid16"], **options)
+
+    assert noise["fid16"] > 1.0 and noise["kid16"] > 0.01
+    assert abs(itself["fid16"]) < 1e-4 * noise["fid16"]
+    assert abs(itself["kid16"]) < 0.01 * noise["kid16"]
+
+
+def _sha256_prefix(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def test_missing_inception_weights_offline_is_one_error_naming_the_file(
+        dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached copy
+    for var in ("https_proxy", "HTTPS_PROXY"):  # a proxy that refuses: offline, for sure
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    G = NoiseGenerator()
+    with pytest.raises(UserError) as error:
+        compute_metrics(G, dataset, ["fid16"], device="cpu")
+    message = str(error.value)
+    for fact in ("weights-inception-2015-12-05-6726825d.pth", "95,628,359 bytes",
+                 "6726825d0af5f729cebd5821db510", "metrics.inception_weights",
+                 "--inception-weights"):
+        assert fact in message
+    assert "\n" not in message
+
+    with pytest.raises(UserError, match="does not exist"):
+        compute_metrics(G, dataset, ["fid16"], device="cpu",
+                        inception_weights=str(tmp_path / "missing.pth"))
+
+
+WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from sg2dist.config import ModelConfig
+from sg2dist.metrics import compute_metrics
+from sg2dist.model import build_networks
+
+rank, world_size, init, data_url, weights, out, model_json = sys.argv[1:]
+dist.init_process_group("gloo", init_method=init, rank=int(rank), world_size=int(world_size))
+torch.manual_seed(0)
+G, _ = build_networks(ModelConfig(**json.loads(model_json)))
+scores = compute_metrics(G, data_url, ["fid12", "kid12", "is12"], device="cpu",
+                         inception_weights=weights, batch=3, rank=int(rank),
+                         world_size=int(world_size))
+with open(out, "w") as f:
+    json.dump(scores, f)
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_split_the_work_and_get_the_single_process_scores(
+        dataset: str, inception_weights: str, tmp_path: Path) -> None:
+    split_data = copy_of(dataset, tmp_path / "split")
+    (tmp_path / "worker.py").write_text(WORKER)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    model_json = json.dumps(dataclasses.asdict(TINY_G))
+    workers = [
+        subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(rank), "2", init,
+                          split_data, inception_weights, str(tmp_path / f"rank{rank}.json"),
+                          model_json])
+        for rank in range(2)
+    ]
+    torch.manual_seed(0)
+    G, _ = build_networks(TINY_G)
+    single_data = copy_of(dataset, tmp_path / "single")
+    single = compute_metrics(G, single_data, ["fid12", "kid12", "is12"], device="cpu",
+                             inception_weights=inception_weights, batch=3)
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0
+    by_rank = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+    assert by_rank[0] == by_rank[1]
+    assert by_rank[0].keys() == single.keys()
+    for name, value in single.items():
+        assert by_rank[0][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    # The real features gathered from both ranks are the single process's, in dataset order.
+    split_cache, = (Path(split_data) / CACHE_FOLDER).iterdir()
+    single_cache, = (Path(single_data) / CACHE_FOLDER).iterdir()
+    np.testing.assert_allclose(np.load(split_cache), np.load(single_cache), rtol=1e-4, atol=1e-5)
+
+
+def test_metric_names_give_the_generated_image_count_and_bad_names_are_user_errors() -> None:
+    assert parse_metric("fid50k").count == 50_000
+    assert (parse_metric("KID10k").kind, parse_metric("KID10k").count) == ("kid", 10_000)
+    assert parse_metric("is200").count == 200 and parse_metric("pr50k").kind == "pr"
+    for bad in ("fid", "fid50m", "ssim10k", "fid1"):
+        with pytest.raises(UserError, match="fid50k"):
+            parse_metric(bad)
+
+
+def test_metrics_command_scores_a_checkpoint_and_prints_json(
+        dataset: str, inception_weights: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    data_url = copy_of(dataset, tmp_path)
+    cfg = Config()
+    cfg.model = TINY_G
+    cfg.data.url = data_url
+    cfg.metrics.inception_weights = inception_weights  # the command's default
+    torch.manual_seed(0)
+    G, _ = build_networks(TINY_G)
+    run_dir = str(tmp_path / "run")
+    save_checkpoint(run_dir, 1000, {"G_ema": G.state_dict()}, {"config": cfg.to_dict()})
+
+    started = time.monotonic()
+    code = cli.main(["metrics", "--checkpoint", run_dir, "--metrics", "fid8,kid8",
+                     "--batch", "4", "--json"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["checkpoint"] == run_dir and report["data"] == data_url
+    assert set(report["metrics"]) == {"fid8", "kid8"}
+    assert all(np.isfinite(v) and v > 0 for v in report["metrics"].values())
+    assert time.monotonic() - started < 60
+
+    assert cli.main(["metrics", "--checkpoint", run_dir, "--metrics", "fidd"]) == 2
+    assert "metric 'fidd' is not known" in capsys.readouterr().err

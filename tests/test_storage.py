@@ -1,0 +1,132 @@
+"""sg2dist.storage on local folders and on a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from sg2dist import storage
+from sg2dist.errors import UserError
+
+
+def test_join_appends_parts_for_s3_and_local_paths():
+    assert storage.join("s3://bucket/runs/", "a", "/b.png") == "s3://bucket/runs/a/b.png"
+    assert storage.join("s3://bucket", "x") == "s3://bucket/x"
+    assert storage.join("/tmp/runs", "a", "b.png") == "/tmp/runs/a/b.png"
+    assert storage.is_s3("s3://bucket/x") and not storage.is_s3("/tmp/s3:/x")
+
+
+def test_split_s3_without_bucket_is_user_error():
+    with pytest.raises(UserError, match="names no bucket"):
+        storage.split_s3("s3:///key")
+
+
+def test_local_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
+    url = str(tmp_path / "sub" / "state.json")
+    storage.write_text(url, "first")
+    storage.write_bytes(url, b"second")
+    assert storage.read_text(url) == "second"
+    assert os.listdir(tmp_path / "sub") == ["state.json"]
+
+
+def test_local_write_that_fails_midway_keeps_the_old_file(tmp_path):
+    url = str(tmp_path / "latest")
+    storage.write_text(url, "step-000100")
+    with pytest.raises(TypeError):  # the write fails after the temporary file was opened
+        storage.write_bytes(url, "not bytes")  # type: ignore[arg-type]
+    assert storage.read_text(url) == "step-000100"
+    assert os.listdir(tmp_path) == ["latest"]
+
+
+def test_local_listdir_exists_copy_and_remove_tree(tmp_path):
+    root = str(tmp_path / "run")
+    storage.write_text(storage.join(root, "checkpoints", "step-1", "meta.json"), "{}")
+    storage.write_text(storage.join(root, "config.yaml"), "a: 1")
+    assert storage.listdir(root) == ["checkpoints", "config.yaml"]
+    assert storage.listdir(storage.join(root, "nothing-here")) == []
+    assert storage.exists(storage.join(root, "checkpoints")) is True
+
+    copy = str(tmp_path / "copy.yaml")
+    storage.upload_file(storage.join(root, "config.yaml"), copy)
+    storage.download_file(copy, str(tmp_path / "back.yaml"))
+    assert storage.read_text(str(tmp_path / "back.yaml")) == "a: 1"
+
+    storage.remove_tree(storage.join(root, "checkpoints"))
+    storage.remove_tree(storage.join(root, "checkpoints"))  # already gone: fine
+    assert storage.listdir(root) == ["config.yaml"]
+
+
+def test_local_missing_file_is_user_error_naming_the_path(tmp_path):
+    missing = str(tmp_path / "nope.bin")
+    with pytest.raises(UserError, match="nope.bin does not exist"):
+        storage.read_bytes(missing)
+    with pytest.raises(UserError, match="nope.bin does not exist"):
+        storage.download_file(missing, str(tmp_path / "x"))
+
+
+def test_s3_round_trip_of_bytes_text_and_files(s3_env, tmp_path):
+    base = s3_env.url
+    payload = os.urandom(3 * 1024 * 1024)
+    storage.write_bytes(storage.join(base, "blob.bin"), payload)
+    storage.write_text(storage.join(base, "note.txt"), "héllo")
+    assert storage.read_bytes(storage.join(base, "blob.bin")) == payload
+    assert storage.read_text(storage.join(base, "note.txt")) == "héllo"
+    with storage.open_read(storage.join(base, "blob.bin")) as f:
+        assert f.read(10) == payload[:10]
+
+    local = tmp_path / "up.bin"
+    local.write_bytes(payload[:1000])
+    storage.upload_file(str(local), storage.join(base, "dir", "up.bin"))
+    storage.download_file(storage.join(base, "dir", "up.bin"), str(tmp_path / "down.bin"))
+    assert (tmp_path / "down.bin").read_bytes() == payload[:1000]
+
+
+def test_s3_listdir_shows_immediate_children_and_remove_tree_spares_siblings(s3_env):
+    base = s3_env.url
+    for key in ("ckpt/step-10/G.pt", "ckpt/step-10/sub/x", "ckpt/step-100/G.pt", "ckpt/latest"):
+        storage.write_bytes(storage.join(base, key), b"x")
+    assert storage.listdir(storage.join(base, "ckpt")) == ["latest", "step-10", "step-100"]
+    assert storage.exists(storage.join(base, "ckpt", "step-10")) is True
+    assert storage.exists(storage.join(base, "ckpt", "step-1")) is False
+
+    storage.remove_tree(storage.join(base, "ckpt", "step-10"))
+    assert storage.listdir(storage.join(base, "ckpt")) == ["latest", "step-100"]
+    assert storage.exists(storage.join(base, "ckpt", "step-10")) is False
+    storage.remove_tree(storage.join(base, "ckpt", "latest"))
+    assert storage.listdir(storage.join(base, "ckpt")) == ["step-100"]
+
+
+def test_s3_missing_object_and_missing_bucket_are_user_errors_naming_the_url(s3_env):
+    with pytest.raises(UserError, match=r"s3://\S+/absent\.json does not exist"):
+        storage.read_text(storage.join(s3_env.url, "absent.json"))
+    with pytest.raises(UserError, match="bucket 'no-such-bucket-x' of s3://no-such-bucket-x/a"):
+        storage.read_bytes("s3://no-such-bucket-x/a/b")
+    with pytest.raises(UserError, match="no-such-bucket-x"):
+        storage.listdir("s3://no-such-bucket-x/a")
+
+
+def test_s3_wrong_credentials_are_one_clear_line_without_the_secret(s3_env, monkeypatch):
+    url = storage.join(s3_env.url, "private.bin")
+    storage.write_bytes(url, b"x")
+    wrong_secret = "wrong-secret-value-123456"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
+    with pytest.raises(UserError) as info:
+        storage.read_bytes(url)
+    message = str(info.value)
+    assert url in message and "AWS_SECRET_ACCESS_KEY" in message and "\n" not in message
+    assert wrong_secret not in message and s3_env.server.access_key not in message
+
+
+def test_s3_unreachable_endpoint_is_a_clear_error_within_seconds(s3_env, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    started = time.monotonic()
+    with pytest.raises(UserError, match=f"cannot reach S3 endpoint http://127.0.0.1:{closed_port}"):
+        storage.exists(storage.join(s3_env.url, "x"))
+    assert time.monotonic() - started < 15
