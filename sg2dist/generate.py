@@ -70,10 +70,15 @@ def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        # TF32 rounds conv and matmul inputs to 10 mantissa bits: pixels would then move by
+        # a few levels with the batch size and between GPU models (seen on an H100).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return torch.device(name)
 
 
@@ -185,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grid",
         nargs=2,
         metavar=("COLSxROWS", "FILE"),
-        help="also write one grid image, e.g. --grid 8x8 grid.png (seeds row by row)",
+        help="write one grid image, e.g. --grid 8x8 grid.png (seeds row by row)",
     )
 
 

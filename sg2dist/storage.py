@@ -49,6 +49,7 @@ _REFUSED_CODES = {
     "InvalidToken",
     "TokenRefreshRequired",
 }
+_SERVER_TROUBLE_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "500", "502", "503"}
 _UNREACHABLE_ERRORS = (
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectTimeoutError,
@@ -177,6 +178,11 @@ def _translate(exc: Exception, url: str, client: Any) -> UserError | None:
             return UserError(
                 f"{endpoint} refused access to {url} ({code}); check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (or the profile / role) and the bucket's permissions"
+            )
+        if code in _SERVER_TROUBLE_CODES:
+            return UserError(
+                f"S3 endpoint {endpoint} could not serve {url} ({code}, after {_max_attempts()} "
+                "attempts); check the server's health, or raise AWS_MAX_ATTEMPTS"
             )
         return UserError(
             f"S3 request for {url} failed on {endpoint}: {code} {error.get('Message', '')}"

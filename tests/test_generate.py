@@ -21,6 +21,7 @@ from PIL import Image, ImageSequence
 from sg2dist import storage
 from sg2dist.cli import main as cli
 from sg2dist.config import load_config
+from sg2dist.images import parse_seeds
 from sg2dist.model import build_networks
 from sg2dist.train.checkpoint import save_checkpoint
 
@@ -59,7 +60,12 @@ def gray_run(tmp_path_factory) -> str:
 
 
 def sg2dist(command: str) -> None:
-    assert cli(command.split()) == 0, command
+    """Run one command in-process; on the CPU unless it names a device, since pixels are
+    bit-exact across batch sizes there (a GPU may move them by a level)."""
+    argv = command.split()
+    if "--device" not in argv:
+        argv += ["--device", "cpu"]
+    assert cli(argv) == 0, command
 
 
 def pixels(png) -> np.ndarray:
@@ -70,7 +76,7 @@ def pixels(png) -> np.ndarray:
 def generated(run_url: str, seeds: str, outdir, options: str = "") -> dict[int, np.ndarray]:
     """seed -> pixels of `sg2dist generate` for those seeds."""
     sg2dist(f"generate --checkpoint {run_url} --seeds {seeds} --outdir {outdir} {options}")
-    return {int(name[4:8]): pixels(os.path.join(outdir, name)) for name in os.listdir(outdir)}
+    return {int(name[4:-4]): pixels(os.path.join(outdir, name)) for name in os.listdir(outdir)}
 
 
 def cell(figure: np.ndarray, row: int, col: int) -> np.ndarray:
@@ -78,6 +84,11 @@ def cell(figure: np.ndarray, row: int, col: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- generate
+
+
+def test_seed_lists_mix_numbers_and_inclusive_ranges_in_order():
+    assert parse_seeds("1,2,5-7") == [1, 2, 5, 6, 7]
+    assert parse_seeds("9, 0-1") == [9, 0, 1]
 
 
 def test_same_checkpoint_and_seed_give_the_identical_png_twice(rgb_run, tmp_path):
@@ -171,6 +182,7 @@ def gif_frames(path) -> list[np.ndarray]:
 def mp4_frames(data: bytes) -> np.ndarray:
     """Decode with the bundled ffmpeg -> uint8 [T, H, W, 3]."""
     import imageio_ffmpeg
+
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", "-"]
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     decoded = subprocess.run(command, input=data, capture_output=True, check=True).stdout
@@ -320,6 +332,19 @@ def test_user_mistakes_end_in_one_clear_error_line(case, rgb_run, gray_run, tmp_
     assert err.startswith("sg2dist: error: ") and "\n" not in err, err
     assert words in err
     assert not out.exists()  # nothing was written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_images_match_cpu_images_within_one_or_two_levels(rgb_run, tmp_path, monkeypatch):
+    # generate turns TF32 off for the process; give other tests back the setting they had.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(
+        torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32
+    )
+    cpu = generated(rgb_run, "0-7", tmp_path / "cpu")
+    cuda = generated(rgb_run, "0-7", tmp_path / "cuda", "--device cuda")
+    for seed in range(8):
+        assert np.abs(cpu[seed].astype(int) - cuda[seed]).max() <= 2, seed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

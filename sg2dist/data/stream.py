@@ -233,7 +233,7 @@ def _resampled_batches(
                 # A finished visit is reported as the start of the next, so a resume
                 # does not re-read a shard it has nothing left to take from.
                 done = consumed == spec.shard_counts[shard]
-                yield builder.take((visit, consumed - 1))
+                yield builder.take((visit + 1, 0) if done else (visit, consumed))
         barren_visits = 0 if good or skip else barren_visits + 1
         if barren_visits > 2 * len(spec.shard_urls) + 8:
             raise _all_corrupt(url, barren_visits)

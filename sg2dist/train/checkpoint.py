@@ -82,8 +82,14 @@ def _read_verified(folder: str) -> Checkpoint | None:
     meta_url = storage.join(folder, META_FILE)
     if not storage.exists(meta_url):
         return None
-    meta = json.loads(storage.read_text(meta_url))
-    state_bytes = storage.read_bytes(storage.join(folder, STATE_FILE))
+    try:
+        meta = json.loads(storage.read_text(meta_url))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a garbled meta.json is a broken checkpoint, not a crash
+    state_url = storage.join(folder, STATE_FILE)
+    if not isinstance(meta, dict) or not storage.exists(state_url):
+        return None
+    state_bytes = storage.read_bytes(state_url)
     if hashlib.sha256(state_bytes).hexdigest() != meta.get("state_sha256"):
         return None
     state = torch.load(io.BytesIO(state_bytes), map_location="cpu", weights_only=True)

@@ -8,6 +8,7 @@ each does one thing. Rank-0-only side effects (files, MLflow, printing) go throu
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 import datetime
 import io
@@ -105,7 +106,7 @@ def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> None:
     session.bar.close()
     session.on_main(session.tracker.end, "FINISHED" if done else "KILLED")
     session.accelerator.wait_for_everyone()
-    session.on_main(print, f"{'done' if done else 'stopped'} at kimg {session.progress.cur_nimg / 1000:.1f}", flush=True)
+    session.on_main(print, f"{'done' if done else 'stopped'} at kimg {session.progress.cur_nimg / 1000:g}", flush=True)
 
 
 # ---------------------------------------------------------------------------- building
@@ -145,7 +146,7 @@ def local_runs_root(cfg: Config) -> str:
     """The parent of a local run folder, else ./runs (built-in dataset, local MLflow store)."""
     if storage.is_s3(cfg.run.dir):
         return "runs"
-    return storage.join(cfg.run.dir, "..")
+    return os.path.dirname(os.path.normpath(cfg.run.dir)) or "."
 
 
 def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
@@ -467,8 +468,8 @@ def encode_png(img_HWC: np.ndarray) -> bytes:
 
 def save_grid(session: Session) -> None:
     img = render_grid(session.nets.G_ema, session.cfg.run.grid, session.accelerator.device)
-    kimg = session.progress.cur_nimg // 1000
-    url = storage.join(session.cfg.run.dir, "grids", f"fakes-{kimg:06d}.png")
+    # Named by images shown, like the checkpoint folders: unique even for sub-kimg snapshots.
+    url = storage.join(session.cfg.run.dir, "grids", f"fakes-{session.progress.cur_nimg:012d}.png")
     storage.write_bytes(url, encode_png(img))
     session.tracker.log_image(img, key="fakes", step=session.progress.cur_nimg)
 
@@ -483,7 +484,7 @@ def print_start(session: Session, total_nimg: int) -> None:
         f"precision {acc.mixed_precision}, batch {session.cfg.train.batch} = {session.batch_gpu} per "
         f"process x {session.accum} accumulation x {acc.num_processes}; data {session.cfg.data.url} "
         f"({session.manifest.num_images} images); run {session.cfg.run.dir}; "
-        f"kimg {session.progress.cur_nimg / 1000:.1f} -> {total_nimg / 1000:.1f}",
+        f"kimg {session.progress.cur_nimg / 1000:g} -> {total_nimg / 1000:g}",
         flush=True,
     )
 

@@ -7,6 +7,7 @@ tool skips its tests with the reason; in CI (env CI set) it fails them.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,3 +74,50 @@ def render(kubectl):
         return cache[kustomization]
 
     return _render
+
+
+class LocalPod:
+    """Runs a rendered container's command here, the way the kubelet would start it:
+    env from the settings ConfigMap, the credentials Secret and the container's own `env`,
+    then $(VAR) expansion in command and args. `python`/`mlflow`/`sg2dist` resolve to this
+    interpreter's environment, and mount paths can be mapped to local folders."""
+
+    NAMESPACE = "training"
+
+    def __init__(self, container: dict, settings: dict, secret: dict, mounts: dict | None = None):
+        self.container = container
+        self.mounts = mounts or {}  # mountPath -> local folder
+        self.env = {**settings, **secret}  # envFrom: the ConfigMap, then the Secret
+        for item in container.get("env", []):
+            if "value" in item:
+                self.env[item["name"]] = item["value"]
+            elif "configMapKeyRef" in item["valueFrom"]:
+                self.env[item["name"]] = settings[item["valueFrom"]["configMapKeyRef"]["key"]]
+            elif item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace":
+                self.env[item["name"]] = self.NAMESPACE
+
+    def expand(self, text: str) -> str:
+        """Kubernetes' $(VAR) expansion (defined variables only), then the mount mapping."""
+        text = re.sub(r"\$\((\w+)\)", lambda m: self.env.get(m.group(1), m.group(0)), text)
+        for mount_path, local in self.mounts.items():
+            if text == mount_path or text.startswith(mount_path + "/"):
+                return str(local) + text[len(mount_path) :]
+        return text
+
+    def argv(self) -> list[str]:
+        program, *rest = self.container["command"]
+        assert program in ("python", "mlflow", "sg2dist"), program
+        bin_dir = Path(sys.executable).parent
+        head = [sys.executable] if program == "python" else [str(bin_dir / program)]
+        return head + [self.expand(arg) for arg in rest + self.container.get("args", [])]
+
+    def process_env(self) -> dict[str, str]:
+        """This machine's environment without its AWS/MLflow settings, plus the pod's."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+        env.update(self.env, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+        return env
+
+
+@pytest.fixture
+def local_pod():
+    return LocalPod

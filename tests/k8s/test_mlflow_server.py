@@ -2,12 +2,11 @@
 with the pod's environment (settings ConfigMap + credentials Secret) pointed at a real
 SeaweedFS, accept the Service's host names, refuse others, and put artifacts in S3."""
 
+import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,25 +14,7 @@ from pathlib import Path
 
 import pytest
 
-NAMESPACE = "training"
 START_TIMEOUT_S = 120
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion in command and args: defined variables only."""
-    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
-
-
-def pod_environment(container: dict, settings: dict[str, str], secret: dict[str, str]) -> dict:
-    env = {**settings, **secret}  # envFrom: the ConfigMap, then the Secret
-    for item in container["env"]:
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        elif "configMapKeyRef" in item["valueFrom"]:
-            env[item["name"]] = settings[item["valueFrom"]["configMapKeyRef"]["key"]]
-        elif item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace":
-            env[item["name"]] = NAMESPACE
-    return env
 
 
 def request(url: str, host: str, method: str = "GET", data: bytes | None = None) -> int:
@@ -58,6 +39,18 @@ def wait_for_health(base_url: str, process: subprocess.Popen, log: Path) -> None
         time.sleep(0.5)
 
 
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the server and its workers (their own process group), SIGKILL if stuck."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -65,7 +58,7 @@ def free_port() -> int:
 
 
 def test_rendered_mlflow_server_serves_its_service_names_and_stores_artifacts_in_s3(
-    render, s3_server, tmp_path
+    render, local_pod, s3_server, tmp_path
 ):
     objects = render("mlflow")
     (deployment,) = [obj for obj in objects if obj["kind"] == "Deployment"]
@@ -81,8 +74,7 @@ def test_rendered_mlflow_server_serves_its_service_names_and_stores_artifacts_in
         "AWS_ACCESS_KEY_ID": s3_server.access_key,
         "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
     }
-    pod_env = pod_environment(container, settings, secret)
-    args = [expand(arg, pod_env) for arg in container["args"]]
+    pod = local_pod(container, settings, secret)
     # Here the server binds loopback on a free port and keeps its database in tmp_path;
     # every other argument is the manifest's.
     port = free_port()
@@ -91,16 +83,15 @@ def test_rendered_mlflow_server_serves_its_service_names_and_stores_artifacts_in
         "--port=": f"--port={port}",
         "--backend-store-uri=": f"--backend-store-uri=sqlite:///{tmp_path}/mlflow.db",
     }
-    args = [next((new for old, new in swaps.items() if a.startswith(old)), a) for a in args]
-    assert container["command"][0] == "mlflow"
-    command = [str(Path(sys.executable).parent / "mlflow"), *container["command"][1:], *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env.update(pod_env, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    command = [
+        next((new for old, new in swaps.items() if a.startswith(old)), a) for a in pod.argv()
+    ]
+    assert command[1:3] == ["server", "--host=127.0.0.1"]
     log = tmp_path / "mlflow.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             command,
-            env=env,
+            env=pod.process_env(),
             cwd=tmp_path,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -112,7 +103,7 @@ def test_rendered_mlflow_server_serves_its_service_names_and_stores_artifacts_in
         search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
         for host in (
             "sg2dist-mlflow:5000",
-            f"sg2dist-mlflow.{NAMESPACE}.svc.cluster.local:5000",
+            f"sg2dist-mlflow.{local_pod.NAMESPACE}.svc.cluster.local:5000",
             "localhost:5000",
         ):
             assert request(search, host) == 200, host
@@ -122,9 +113,4 @@ def test_rendered_mlflow_server_serves_its_service_names_and_stores_artifacts_in
         stored = s3_server.client().get_object(Bucket=bucket, Key="mlflow/k8s-test/hello.txt")
         assert stored["Body"].read() == b"hello from k8s"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)

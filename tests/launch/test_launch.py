@@ -248,5 +248,9 @@ def test_two_machines_train_the_quickstart_together_and_write_one_checkpoint(tmp
     steps = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
     assert len(steps) == 1, steps
     assert (checkpoints / "latest").read_text().strip().endswith(steps[0])
+    meta = json.loads((checkpoints / steps[0] / "meta.json").read_text())
+    assert meta["world_size"] == 2  # one process group across the two launches
+    assert len(meta["data_states"]) == 2  # each rank streamed its own share
+    assert meta["progress"]["cur_nimg"] == 96 and meta["progress"]["step"] == 3
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["train"]["batch_gpu"] == 16 and saved["train"]["kimg"] == 0.096
+    assert saved["train"]["batch_gpu"] == 16 and saved["tracking"]["enabled"] is False

@@ -46,6 +46,10 @@ class SeaweedFS:
         self._process: subprocess.Popen | None = None
 
     @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
     def endpoint_url(self) -> str:
         return self.exports["AWS_ENDPOINT_URL_S3"]
 

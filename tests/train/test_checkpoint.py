@@ -35,6 +35,14 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_pat
     assert ckpt.find_latest(str(tmp_path)).meta["progress"]["cur_nimg"] == 100
 
 
+def test_garbled_meta_json_counts_as_broken_and_falls_back(tmp_path):
+    save(tmp_path, 100)
+    folder = save(tmp_path, 200)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        f.write('{"progress": {"cur_ni')  # torn write
+    assert ckpt.find_latest(str(tmp_path)).meta["progress"]["cur_nimg"] == 100
+
+
 def test_folder_newer_than_the_pointer_is_ignored_even_if_it_looks_complete(tmp_path):
     save(tmp_path, 100)
     save(tmp_path, 200)

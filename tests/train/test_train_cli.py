@@ -53,24 +53,13 @@ def assert_same_state(a: ckpt.Checkpoint, b: ckpt.Checkpoint, atol: float) -> No
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_resume_after_k_steps_matches_2k_uninterrupted_steps(where, tmp_path, digits_url, request):
-    env = None
-    if where == "local":
-        base = str(tmp_path)
-    else:
-        s3 = request.getfixturevalue("s3_server")
-        env = s3.env()
-        base = f"s3://{s3.make_bucket()}/runs"
+    # s3_env points this process (and so the trainer subprocesses) at the SeaweedFS server.
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_env").url
     # 6 steps of batch 8 = 0.048 kimg; then resume to 12 steps.
-    run_train(f"{base}/split", digits_url, 0.048, env=env)
-    run_train(f"{base}/split", digits_url, 0.096, env=env)
-    run_train(f"{base}/whole", digits_url, 0.096, env=env)
-    old = dict(os.environ)
-    os.environ.update(env or {})
-    try:
-        split, whole = ckpt.find_latest(f"{base}/split"), ckpt.find_latest(f"{base}/whole")
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    run_train(f"{base}/split", digits_url, 0.048)
+    run_train(f"{base}/split", digits_url, 0.096)
+    run_train(f"{base}/whole", digits_url, 0.096)
+    split, whole = ckpt.find_latest(f"{base}/split"), ckpt.find_latest(f"{base}/whole")
     assert split.meta["progress"]["step"] == 12
     assert_same_state(split, whole, atol=1e-6)
 

@@ -1,0 +1,117 @@
+"""Streaming from a real S3 server when things go wrong: credentials, buckets, a server that stops.
+
+Each failure must end in one clear UserError naming the URL, or in a recovery after
+retries, and never in a hang: every test here is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from itertools import islice
+
+import pytest
+import torch
+from support.s3 import SeaweedFS
+
+from sg2dist.data import build_loader
+from sg2dist.data.imageops import ConvertSettings
+from sg2dist.data.prepare import prepare_dataset
+from sg2dist.errors import UserError
+
+
+def _loader(url: str, **overrides):
+    options = dict(
+        batch_gpu=5,
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=2,
+        mirror=False,
+        shuffle_buffer=4,
+        use_labels=False,
+    )
+    options.update(overrides)
+    return build_loader(url, **options)
+
+
+def _prepare_to(url: str, root, kit, count: int = 60) -> str:
+    kit.write_class_folders(root / "src", {"a": kit.random_images(count, (16, 16), seed=11)})
+    prepare_dataset(str(root / "src"), url, ConvertSettings(16), shard_size=6, progress=False)
+    return url
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory):
+    """A private SeaweedFS that tests may stop and restart (same port, data and keys)."""
+    server = SeaweedFS(tmp_path_factory.mktemp("own-seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_env(own_server, monkeypatch):
+    if not own_server.running:
+        own_server.start()
+    for key, value in own_server.env().items():
+        monkeypatch.setenv(key, value)
+    return own_server
+
+
+@pytest.mark.timeout(120)
+def test_wrong_credentials_for_a_dataset_are_one_clear_error(s3_env, tmp_path, kit, monkeypatch):
+    url = _prepare_to(s3_env.url + "/creds", tmp_path, kit, count=6)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(UserError, match=f"refused access to {url}/dataset.json"):
+        _loader(url)
+
+
+@pytest.mark.timeout(120)
+def test_missing_bucket_is_one_clear_error(s3_env):
+    with pytest.raises(UserError, match="bucket 'absent-bucket-7' of s3://absent-bucket-7/d"):
+        _loader("s3://absent-bucket-7/data")
+
+
+@pytest.mark.timeout(180)
+def test_server_stopped_mid_stream_ends_in_a_clear_error_not_a_hang(
+    own_env, tmp_path, kit, monkeypatch
+):
+    url = _prepare_to(f"s3://{own_env.bucket}/stopped", tmp_path, kit)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    loader = _loader(url, workers=2)
+    assert len(list(islice(loader, 3))) == 3
+    own_env.stop()
+    started = time.monotonic()
+    with pytest.raises(UserError) as info:
+        for _ in islice(loader, 1000):  # 1000 batches need ~800 shard reads: far past any buffer
+            pass
+    message = str(info.value)
+    assert url in message and "\n" not in message
+    known = ("cannot reach S3 endpoint", "could not serve", "reading shard")
+    assert any(form in message for form in known), message
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.timeout(180)
+def test_stream_recovers_when_the_server_comes_back_and_loses_no_batch(
+    own_env, tmp_path, kit, monkeypatch
+):
+    url = _prepare_to(f"s3://{own_env.bucket}/restarted", tmp_path, kit)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "10")  # the retry budget must outlast the restart
+    reference = list(islice(_loader(url, workers=0), 40))
+
+    loader = _loader(url, workers=0)
+    batches = list(islice(loader, 3))
+    own_env.stop()
+    restart = threading.Thread(target=lambda: (time.sleep(1.0), own_env.start()))
+    restart.start()
+    outage_started = time.monotonic()
+    batches += list(islice(loader, 37))
+    restart.join()
+
+    assert time.monotonic() - outage_started > 1.0  # the stream did wait for the server
+
+    assert [b.keys for b in batches] == [b.keys for b in reference]
+    assert all(torch.equal(a.img_NCHW, b.img_NCHW) for a, b in zip(batches, reference, strict=True))
