@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch_fidelity import FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_part
@@ -288,6 +287,29 @@ def real_features(data_url: str, manifest_hash: str, num_real: int,
 # ---------------------------------------------------------------------------- scores
 
 
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """FID of two feature sets: |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrtm(S_a S_b).
+
+    The same value as torch-fidelity's (tested), computed faster. tr sqrtm(S_a S_b) is
+    the sum of the square roots of the eigenvalues of S_a S_b. With S = X^T X for the
+    centred, scaled features X, those are the eigenvalues of the symmetric R S_b R,
+    R = sqrtm(S_a) (two symmetric eigensolves instead of one general eigensolve of a
+    2048 x 2048 matrix, several times faster); when both sets have fewer images than
+    features they are the squared singular values of B A^T, a tiny matrix.
+    """
+    a, b = features_a.double().numpy(), features_b.double().numpy()
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    A = (a - mu_a) / np.sqrt(len(a) - 1)  # S_a = A^T A, the unbiased covariance
+    B = (b - mu_b) / np.sqrt(len(b) - 1)
+    if max(len(a), len(b)) <= a.shape[1]:
+        tr_sqrt = np.linalg.svd(B @ A.T, compute_uv=False).sum()
+    else:
+        eigenvalues, eigenvectors = np.linalg.eigh(A.T @ A)
+        R = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+        tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(R @ (B.T @ B) @ R), 0, None)).sum()
+    return float(np.sum((mu_a - mu_b) ** 2) + np.sum(A**2) + np.sum(B**2) - 2 * tr_sqrt)
+
+
 def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor
            ) -> dict[str, float]:
     """One metric from the features of the first spec.count generated images."""
@@ -296,10 +318,7 @@ def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor
         return {spec.name: isc_features_to_metric(gen_features)["inception_score_mean"]}
     real = real[: spec.real_count]
     if spec.kind == "fid":
-        stats_gen = fid_features_to_statistics(gen_features)
-        stats_real = fid_features_to_statistics(real)
-        return {spec.name: fid_statistics_to_metric(stats_gen, stats_real, verbose=False)[
-            "frechet_inception_distance"]}
+        return {spec.name: frechet_distance(gen_features, real)}
     if spec.kind == "kid":
         subset = min(KID_SUBSET_SIZE, len(gen_features), len(real))
         kid = kid_features_to_metric(gen_features, real, kid_subset_size=subset, verbose=False)

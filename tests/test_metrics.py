@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch_fidelity import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from sg2dist import cli
 from sg2dist.config import Config, ModelConfig
@@ -34,7 +35,7 @@ from sg2dist.data import iter_images, open_manifest
 from sg2dist.data.imageops import ConvertSettings
 from sg2dist.data.prepare import prepare_dataset
 from sg2dist.errors import UserError
-from sg2dist.metrics import CACHE_FOLDER, compute_metrics, parse_metric
+from sg2dist.metrics import CACHE_FOLDER, compute_metrics, frechet_distance, parse_metric
 from sg2dist.model import build_networks
 from sg2dist.train.checkpoint import save_checkpoint
 
@@ -83,7 +84,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def copy_of(dataset_url: str, folder: Path) -> str:
     """A private copy the test may damage (and whose cache starts empty)."""
-    return shutil.copytree(dataset_url, folder / "dataset")
+    return str(shutil.copytree(dataset_url, folder / "dataset"))
 
 
 class ReplayGenerator(nn.Module):
@@ -117,20 +118,21 @@ def test_fid_is_zero_for_the_dataset_itself_large_for_noise_and_reals_come_from_
     reals = torch.from_numpy(np.stack([img for img, _ in iter_images(data_url)]))
     options = {"device": "cpu", "inception_weights": inception_weights, "batch": 8}
 
-    itself = compute_metrics(ReplayGenerator(reals), data_url, ["fid16", "kid16"], **options)
+    # fid8: the first 8 dataset images against the same 8 images "generated".
+    itself = compute_metrics(ReplayGenerator(reals[:8]), data_url, ["fid8", "kid8"], **options)
     cached = list((Path(data_url) / CACHE_FOLDER).iterdir())
     assert [path.name for path in cached] == [
-        f"{open_manifest(data_url).manifest_hash[:16]}-16-inception-"
+        f"{open_manifest(data_url).manifest_hash[:16]}-8-inception-"
         f"{_sha256_prefix(inception_weights)}.npy"]
 
     # With the shards gone, the real images can only come from the cache.
     for shard in open_manifest(data_url).shards:
         os.remove(Path(data_url, shard.name))
-    noise = compute_metrics(NoiseGenerator(), data_url, ["fid16", "kid16"], **options)
+    noise = compute_metrics(NoiseGenerator(), data_url, ["fid8", "kid8"], **options)
 
-    assert noise["fid16"] > 1.0 and noise["kid16"] > 0.01
-    assert abs(itself["fid16"]) < 1e-4 * noise["fid16"]
-    assert abs(itself["kid16"]) < 0.01 * noise["kid16"]
+    assert noise["fid8"] > 1.0 and noise["kid8"] > 0.01
+    assert abs(itself["fid8"]) < 1e-4 * noise["fid8"]
+    assert abs(itself["kid8"]) < 0.01 * noise["kid8"]
 
 
 def _sha256_prefix(path: str) -> str:
@@ -168,8 +170,8 @@ rank, world_size, init, data_url, weights, out, model_json = sys.argv[1:]
 dist.init_process_group("gloo", init_method=init, rank=int(rank), world_size=int(world_size))
 torch.manual_seed(0)
 G, _ = build_networks(ModelConfig(**json.loads(model_json)))
-scores = compute_metrics(G, data_url, ["fid12", "kid12", "is12"], device="cpu",
-                         inception_weights=weights, batch=3, rank=int(rank),
+scores = compute_metrics(G, data_url, ["fid8", "kid8", "is8"], device="cpu",
+                         inception_weights=weights, batch=2, rank=int(rank),
                          world_size=int(world_size))
 with open(out, "w") as f:
     json.dump(scores, f)
@@ -198,8 +200,8 @@ def test_two_ranks_split_the_work_and_get_the_single_process_scores(
     torch.manual_seed(0)
     G, _ = build_networks(TINY_G)
     single_data = copy_of(dataset, tmp_path / "single")
-    single = compute_metrics(G, single_data, ["fid12", "kid12", "is12"], device="cpu",
-                             inception_weights=inception_weights, batch=3)
+    single = compute_metrics(G, single_data, ["fid8", "kid8", "is8"], device="cpu",
+                             inception_weights=inception_weights, batch=2)
     for worker in workers:
         assert worker.wait(timeout=300) == 0
     by_rank = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -212,6 +214,17 @@ def test_two_ranks_split_the_work_and_get_the_single_process_scores(
     split_cache, = (Path(split_data) / CACHE_FOLDER).iterdir()
     single_cache, = (Path(single_data) / CACHE_FOLDER).iterdir()
     np.testing.assert_allclose(np.load(split_cache), np.load(single_cache), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_a, num_b", [(16, 12), (100, 80)])  # both routes of the formula
+def test_frechet_distance_equals_torch_fidelitys(num_a: int, num_b: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(num_a, 32, generator=generator)
+    b = torch.randn(num_b, 32, generator=generator) * 1.3 + 0.2
+    reference = fid_statistics_to_metric(fid_features_to_statistics(a),
+                                         fid_features_to_statistics(b), verbose=False)
+    assert frechet_distance(a, b) == pytest.approx(reference["frechet_inception_distance"],
+                                                   rel=1e-6)
 
 
 def test_metric_names_give_the_generated_image_count_and_bad_names_are_user_errors() -> None:
@@ -237,12 +250,12 @@ def test_metrics_command_scores_a_checkpoint_and_prints_json(
     save_checkpoint(run_dir, 1000, {"G_ema": G.state_dict()}, {"config": cfg.to_dict()})
 
     started = time.monotonic()
-    code = cli.main(["metrics", "--checkpoint", run_dir, "--metrics", "fid8,kid8",
+    code = cli.main(["metrics", "--checkpoint", run_dir, "--metrics", "fid4,kid4",
                      "--batch", "4", "--json"])
     assert code == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["checkpoint"] == run_dir and report["data"] == data_url
-    assert set(report["metrics"]) == {"fid8", "kid8"}
+    assert set(report["metrics"]) == {"fid4", "kid4"}
     assert all(np.isfinite(v) and v > 0 for v in report["metrics"].values())
     assert time.monotonic() - started < 60
 

@@ -18,7 +18,6 @@ completes it.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import multiprocessing
 import os
@@ -27,9 +26,11 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
+from multiprocessing.pool import AsyncResult
 
 import webdataset as wds
 from tqdm import tqdm
@@ -53,9 +54,8 @@ TAR_MTIME = 0  # fixed tar member times make shards reproducible byte for byte
 SHUFFLE_SEED = 0
 STAGING_PREFIX = ".staging-"  # + pid: a local DEST's folder for shards being written
 SHARD_TARGET_BYTES = 200e6
-# Inputs converted per pool round: bounds the memory held in flight (input bytes
-# are read by this process and sent to the workers).
-ROUND_SIZE_PER_WORKER = 32
+CHUNK_SIZE = 8  # images per worker task
+CHUNKS_IN_FLIGHT_PER_WORKER = 4
 
 
 def default_shard_size(resolution: int, channels: int, image_format: str) -> int:
@@ -67,38 +67,64 @@ def default_shard_size(resolution: int, channels: int, image_format: str) -> int
 # ---------------------------------------------------------------------------- conversion
 
 
-def _convert_one(
-    settings: ConvertSettings, item: tuple[str, bytes]
-) -> tuple[str, bytes | str, bool]:
-    """Worker: (name, file bytes) -> (name, encoded image or skip reason, fatal?)."""
-    name, data = item
-    try:
-        return name, convert_image(data, settings, name), False
-    except SkippedImageError as exc:
-        return name, str(exc), False
-    except NotSquareError as exc:
-        return name, str(exc), True
+def _convert_chunk(
+    settings: ConvertSettings, items: list[tuple[str, bytes]]
+) -> list[tuple[str, bytes | str, bool]]:
+    """Worker: [(name, file bytes)] -> [(name, encoded image or skip reason, fatal?)]."""
+    results: list[tuple[str, bytes | str, bool]] = []
+    for name, data in items:
+        try:
+            results.append((name, convert_image(data, settings, name), False))
+        except SkippedImageError as exc:
+            results.append((name, str(exc), False))
+        except NotSquareError as exc:
+            results.append((name, str(exc), True))
+    return results
 
 
 def _converted(
     source: Source, names: list[str], settings: ConvertSettings, workers: int
 ) -> Iterator[tuple[str, bytes | str]]:
-    """(name, encoded bytes or skip reason) for every name, in input order."""
-    convert = functools.partial(_convert_one, settings)
-    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+    """(name, encoded bytes or skip reason) for every name, in input order.
+
+    With several workers, a window of chunks is kept in flight so the workers never
+    wait for this process; the window also bounds the input bytes held in memory.
+    """
+    chunks = [names[i : i + CHUNK_SIZE] for i in range(0, len(names), CHUNK_SIZE)]
+    if workers <= 1:
+        converted = (_convert_chunk(settings, [(n, source.read(n)) for n in c]) for c in chunks)
+        yield from _checked(converted)
+        return
+    pool = multiprocessing.get_context().Pool(workers)
     try:
-        round_size = ROUND_SIZE_PER_WORKER * max(1, workers)
-        for start in range(0, len(names), round_size):
-            items = [(name, source.read(name)) for name in names[start : start + round_size]]
-            results = pool.imap(convert, items, chunksize=4) if pool else map(convert, items)
-            for name, result, fatal in results:
-                if fatal:
-                    raise UserError(str(result))
-                yield name, result
+        pending: deque[AsyncResult] = deque()
+        waiting = iter(chunks)
+
+        def submit_next() -> None:
+            chunk = next(waiting, None)
+            if chunk is not None:
+                items = [(name, source.read(name)) for name in chunk]
+                pending.append(pool.apply_async(_convert_chunk, (settings, items)))
+
+        for _ in range(CHUNKS_IN_FLIGHT_PER_WORKER * workers):
+            submit_next()
+        while pending:
+            results = pending.popleft().get()
+            submit_next()
+            yield from _checked([results])
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        pool.terminate()
+        pool.join()
+
+
+def _checked(
+    chunk_results: Iterable[list[tuple[str, bytes | str, bool]]],
+) -> Iterator[tuple[str, bytes | str]]:
+    for results in chunk_results:
+        for name, result, fatal in results:
+            if fatal:
+                raise UserError(str(result))
+            yield name, result
 
 
 # ---------------------------------------------------------------------------- shard output

@@ -104,6 +104,8 @@ def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> None:
         if done or stop:
             break
     session.bar.close()
+    if done:
+        session.on_main(log_final_generator, session)
     session.on_main(session.tracker.end, "FINISHED" if done else "KILLED")
     session.accelerator.wait_for_everyone()
     session.on_main(print, f"{'done' if done else 'stopped'} at kimg {session.progress.cur_nimg / 1000:g}", flush=True)
@@ -418,6 +420,16 @@ def snapshot(session: Session, *, final: bool) -> None:
     maybe_compute_metrics(session)
     folder = save(session)
     session.on_main(session.tracker.set_tag, "checkpoint", folder)
+
+
+def log_final_generator(session: Session) -> None:
+    """G_ema as an MLflow model; its URI becomes a run tag so users (and tests) can load it."""
+    cfg = session.cfg
+    model_uri = session.tracker.log_generator(
+        session.nets.G_ema, cfg, register_name=cfg.tracking.register_model
+    )
+    if model_uri:
+        session.tracker.set_tag("generator_model_uri", model_uri)
 
 
 def maybe_compute_metrics(session: Session) -> None:

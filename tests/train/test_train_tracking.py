@@ -1,0 +1,68 @@
+"""A short training run logs to a real MLflow server; a resume continues the same MLflow run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.resolution=32", "model.img_channels=1", "model.z_dim=32", "model.w_dim=32",
+    "model.map_layers=2", "model.channel_base=256", "model.channel_max=32",
+    "train.batch=8", "train.batch_gpu=8", "data.workers=1",
+    "run.tick_kimg=0.016", "run.snapshot_kimg=0.032",
+]
+
+
+def train(run_dir: str, data_url: str, kimg: float, env: dict) -> subprocess.CompletedProcess:
+    sets = [*TINY, f"run.dir={run_dir}", f"data.url={data_url}", f"train.kimg={kimg}",
+            "tracking.experiment=e2e", "tracking.system_metrics=true"]
+    result = subprocess.run(
+        [sys.executable, "-m", "sg2dist", "train", *[a for s in sets for a in ("--set", s)]],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_run(
+        s3_env, mlflow_server, digits_url, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **mlflow_server.client_env())
+    run_dir = f"{s3_env.url}/runs/tracked"
+    train(run_dir, digits_url, 0.032, env)
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([experiment.experiment_id])
+
+    assert run.data.params["train.batch"] == "8"
+    assert run.data.params["data.url"] == digits_url
+    assert run.data.tags["world_size"] == "1"
+    assert run.data.tags["dataset_manifest_hash"]
+    assert run.data.tags["checkpoint"].startswith(run_dir + "/checkpoints/nimg-")
+    history = client.get_metric_history(run.info.run_id, "loss_G")
+    assert [m.step for m in history] == [16, 32]
+    assert {"kimg", "img_per_s", "sec_per_kimg", "loss_D_real", "pl_mean"} <= set(run.data.metrics)
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    assert any("fakes" in path for path in images), images
+    generator = mlflow.pyfunc.load_model(run.data.tags["generator_model_uri"])
+    images = generator.predict(pd.DataFrame({"seed": [0, 1], "psi": [1.0, 0.5]}))
+    assert images.shape[:3] == (2, 32, 32) and images.dtype == np.uint8
+
+    # Kill-and-resume stands in as "a later invocation": it must continue the same MLflow run.
+    train(run_dir, digits_url, 0.064, env)
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    history = client.get_metric_history(run.info.run_id, "loss_G")
+    assert [m.step for m in history] == [16, 32, 48, 64]
+
+    # No secret value anywhere: params, tags, metric names.
+    final = client.get_run(run.info.run_id)
+    secret = s3_env.server.secret_key
+    everything = [*final.data.params.items(), *final.data.tags.items(), *final.data.metrics]
+    assert not any(secret in str(item) for item in everything)
