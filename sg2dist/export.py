@@ -18,12 +18,21 @@ from sg2dist.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://")
-    parser.add_argument("--register", default="",
-                        help="also register the model under this name in the model registry")
-    parser.add_argument("--tracking-uri", default="",
-                        help="MLflow tracking URI (default: the run's, else $MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://",
+    )
+    parser.add_argument(
+        "--register",
+        default="",
+        help="also register the model under this name in the model registry",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow tracking URI (default: the run's, else $MLFLOW_TRACKING_URI)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,15 +46,19 @@ def main(args: argparse.Namespace) -> int:
     cfg.tracking.system_metrics = False
     run_name = cfg.tracking.run_name or cfg.run.dir.rstrip("/").rsplit("/", 1)[-1]
     cfg.tracking.run_name = f"export-{run_name}"
-    tags = {"sg2dist.export_of": args.checkpoint,
-            "sg2dist.training_run_id": str(meta.get("mlflow_run_id") or "")}
+    tags = {
+        "sg2dist.export_of": args.checkpoint,
+        "sg2dist.training_run_id": str(meta.get("mlflow_run_id") or ""),
+    }
     tracker = Tracker.start(cfg, is_main=True, run_id=None, tags=tags)
     model_uri = tracker.log_generator(G_ema, cfg, register_name=args.register)
     tracker.end("FINISHED" if model_uri else "FAILED")
     if not model_uri:
         where = redact_text(tracker.uri)
-        raise UserError(f"logging the model to MLflow at {where} failed (see the warning above); "
-                        "check the server and retry")
+        raise UserError(
+            f"logging the model to MLflow at {where} failed (see the warning above); "
+            "check the server and retry"
+        )
     registered = f", registered as '{args.register}'" if args.register else ""
     print(f"logged G_ema of {args.checkpoint} as {model_uri} (run {tracker.run_id}){registered}")
     return 0

@@ -118,8 +118,9 @@ def missing_weights_message(reason: str) -> str:
     )
 
 
-def load_feature_extractor(weights: str, layers: list[str], device: torch.device
-                           ) -> tuple[FeatureExtractorInceptionV3, str]:
+def load_feature_extractor(
+    weights: str, layers: list[str], device: torch.device
+) -> tuple[FeatureExtractorInceptionV3, str]:
     """(Inception feature extractor on `device`, id naming its weights for cache keys)."""
     path = _local_weights(weights) if weights else None
     try:
@@ -139,15 +140,17 @@ def load_feature_extractor(weights: str, layers: list[str], device: torch.device
     return extractor.to(device), f"inception-{weights_id}"
 
 
-def _embed(extractor: FeatureExtractorInceptionV3, img_uint8_NCHW: torch.Tensor
-           ) -> dict[str, torch.Tensor]:
+def _embed(
+    extractor: FeatureExtractorInceptionV3, img_uint8_NCHW: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Features per layer name (CPU float32) of uint8 images with 1 or 3 channels."""
     if img_uint8_NCHW.shape[1] == 1:
         img_uint8_NCHW = img_uint8_NCHW.expand(-1, 3, -1, -1)
     with torch.no_grad():
         features = extractor(img_uint8_NCHW)
-    return {name: f.float().cpu() for name, f in zip(extractor.features_list, features,
-                                                     strict=True)}
+    return {
+        name: f.float().cpu() for name, f in zip(extractor.features_list, features, strict=True)
+    }
 
 
 # ---------------------------------------------------------------------------- ranks
@@ -157,8 +160,9 @@ def _owned(batch_index: int, rank: int, world_size: int) -> bool:
     return batch_index % world_size == rank
 
 
-def _gather_features(parts: list[tuple[int, dict[str, torch.Tensor]]], rank: int,
-                     world_size: int) -> dict[str, torch.Tensor] | None:
+def _gather_features(
+    parts: list[tuple[int, dict[str, torch.Tensor]]], rank: int, world_size: int
+) -> dict[str, torch.Tensor] | None:
     """All ranks' (batch index, features) concatenated in batch order on rank 0 (None
     elsewhere), so that a prefix is the same image set whatever the world size."""
     if world_size > 1:
@@ -166,8 +170,9 @@ def _gather_features(parts: list[tuple[int, dict[str, torch.Tensor]]], rank: int
         dist.gather_object(parts, gathered, dst=0)
         if rank != 0:
             return None
-        parts = sorted((part for rank_parts in gathered for part in rank_parts),
-                       key=lambda part: part[0])
+        parts = sorted(
+            (part for rank_parts in gathered for part in rank_parts), key=lambda part: part[0]
+        )
     names = parts[0][1].keys()
     return {name: torch.cat([features[name] for _, features in parts]) for name in names}
 
@@ -191,8 +196,9 @@ def _forked_rng(device: torch.device) -> Any:
 # ---------------------------------------------------------------------------- images
 
 
-def _real_batches(data_url: str, num_real: int, batch: int, rank: int, world_size: int
-                  ) -> Iterator[tuple[int, torch.Tensor]]:
+def _real_batches(
+    data_url: str, num_real: int, batch: int, rank: int, world_size: int
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(batch index, uint8 NCHW images) of the first `num_real` dataset images, for the
     batches owned by `rank`."""
     images: list[np.ndarray] = []
@@ -207,8 +213,9 @@ def _real_batches(data_url: str, num_real: int, batch: int, rank: int, world_siz
             images, batch_index = [], batch_index + 1
 
 
-def _generated_batches(G: torch.nn.Module, num_gen: int, batch: int, device: torch.device,
-                       rank: int, world_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _generated_batches(
+    G: torch.nn.Module, num_gen: int, batch: int, device: torch.device, rank: int, world_size: int
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(batch index, uint8 NCHW images) from G with random z (and uniformly random
     classes), batch i drawn from seed i, for the batches owned by `rank`."""
     num_batches = -(-num_gen // batch)
@@ -216,7 +223,7 @@ def _generated_batches(G: torch.nn.Module, num_gen: int, batch: int, device: tor
         if not _owned(batch_index, rank, world_size):
             continue
         n = min(batch, num_gen - batch_index * batch)
-        with _forked_rng(device), torch.no_grad():
+        with torch.no_grad():
             torch.manual_seed(batch_index)  # also seeds G's per-layer noise
             z = torch.randn([n, G.z_dim], device=device)
             c = torch.zeros([n, G.c_dim], device=device)
@@ -226,12 +233,19 @@ def _generated_batches(G: torch.nn.Module, num_gen: int, batch: int, device: tor
         yield batch_index, (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
-def _features(batches: Iterator[tuple[int, torch.Tensor]], extractor: FeatureExtractorInceptionV3,
-              device: torch.device, total: int, what: str, rank: int, world_size: int
-              ) -> dict[str, torch.Tensor] | None:
+def _features(
+    batches: Iterator[tuple[int, torch.Tensor]],
+    extractor: FeatureExtractorInceptionV3,
+    device: torch.device,
+    total: int,
+    what: str,
+    rank: int,
+    world_size: int,
+) -> dict[str, torch.Tensor] | None:
     parts = []
-    with tqdm(total=total, desc=what, unit="img", disable=True if rank else None,
-              leave=False) as progress:
+    with tqdm(
+        total=total, desc=what, unit="img", disable=True if rank else None, leave=False
+    ) as progress:
         for batch_index, img_uint8_NCHW in batches:
             parts.append((batch_index, _embed(extractor, img_uint8_NCHW.to(device))))
             progress.update(len(img_uint8_NCHW) * world_size)
@@ -262,14 +276,24 @@ def _write_cache(url: str, features: torch.Tensor) -> None:
     try:
         storage.write_bytes(url, buffer.getvalue())
     except (UserError, OSError) as exc:  # e.g. a read-only dataset bucket
-        print(f"[metrics] could not cache real-image features at {url} ({exc}); "
-              "they will be recomputed next time")
+        print(
+            f"[metrics] could not cache real-image features at {url} ({exc}); "
+            "they will be recomputed next time"
+        )
 
 
-def real_features(data_url: str, manifest_hash: str, num_real: int,
-                  extractor: FeatureExtractorInceptionV3, extractor_id: str, *,
-                  device: torch.device, batch: int, rank: int, world_size: int
-                  ) -> torch.Tensor | None:
+def real_features(
+    data_url: str,
+    manifest_hash: str,
+    num_real: int,
+    extractor: FeatureExtractorInceptionV3,
+    extractor_id: str,
+    *,
+    device: torch.device,
+    batch: int,
+    rank: int,
+    world_size: int,
+) -> torch.Tensor | None:
     """[num_real, 2048] Inception features of the dataset on rank 0 (None elsewhere),
     from the cache next to the dataset when there is one."""
     cache_url = _cache_url(data_url, manifest_hash, num_real, extractor_id)
@@ -310,12 +334,12 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     return float(np.sum((mu_a - mu_b) ** 2) + np.sum(A**2) + np.sum(B**2) - 2 * tr_sqrt)
 
 
-def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor
-           ) -> dict[str, float]:
+def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor) -> dict[str, float]:
     """One metric from the features of the first spec.count generated images."""
     gen_features = gen[FEATURE_LAYER[spec.kind]][: spec.count]
     if spec.kind == "is":
-        return {spec.name: isc_features_to_metric(gen_features)["inception_score_mean"]}
+        splits = min(10, len(gen_features))  # the usual 10 splits, fewer for tiny counts
+        return {spec.name: isc_features_to_metric(gen_features, splits)["inception_score_mean"]}
     real = real[: spec.real_count]
     if spec.kind == "fid":
         return {spec.name: frechet_distance(gen_features, real)}
@@ -327,14 +351,41 @@ def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor
     return {f"{spec.name}_precision": precision, f"{spec.name}_recall": recall}
 
 
-def compute_metrics(G_ema: torch.nn.Module, data_url: str, metrics: list[str], *,
-                    device: torch.device | str, inception_weights: str = "",
-                    num_gen: int | None = None, batch: int = 64, rank: int = 0,
-                    world_size: int = 1) -> dict[str, float]:
+def compute_metrics(
+    G_ema: torch.nn.Module,
+    data_url: str,
+    metrics: list[str],
+    *,
+    device: torch.device | str,
+    inception_weights: str = "",
+    num_gen: int | None = None,
+    batch: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
     """Scores of G_ema against the dataset at `data_url`, e.g. {'fid50k': 3.1}; the same
     dict on every rank. `num_gen` overrides the generated image count of every metric.
     With world_size > 1 every rank must call it (torch.distributed collectives)."""
     device = torch.device(device)
+    # Building Inception and generating images draw random numbers: keep them off the
+    # caller's RNG streams, which an exact training resume depends on.
+    with _forked_rng(device):
+        return _compute_metrics(
+            G_ema, data_url, metrics, device, inception_weights, num_gen, batch, rank, world_size
+        )
+
+
+def _compute_metrics(
+    G_ema: torch.nn.Module,
+    data_url: str,
+    metrics: list[str],
+    device: torch.device,
+    inception_weights: str,
+    num_gen: int | None,
+    batch: int,
+    rank: int,
+    world_size: int,
+) -> dict[str, float]:
     specs = [parse_metric(name) for name in metrics]
     if num_gen is not None:
         specs = [MetricSpec(spec.name, spec.kind, num_gen, spec.real_count) for spec in specs]
@@ -344,15 +395,22 @@ def compute_metrics(G_ema: torch.nn.Module, data_url: str, metrics: list[str], *
 
     gen_count = max(spec.count for spec in specs)
     gen_batches = _generated_batches(G_ema, gen_count, batch, device, rank, world_size)
-    gen = _features(gen_batches, extractor, device, gen_count, "generated images", rank,
-                    world_size)
+    gen = _features(gen_batches, extractor, device, gen_count, "generated images", rank, world_size)
     real = None
     paired = [spec for spec in specs if spec.kind != "is"]
     if paired:
         num_real = min(max(spec.real_count for spec in paired), manifest.num_images)
-        real = real_features(data_url, manifest.manifest_hash, num_real, extractor,
-                             extractor_id, device=device, batch=batch, rank=rank,
-                             world_size=world_size)
+        real = real_features(
+            data_url,
+            manifest.manifest_hash,
+            num_real,
+            extractor,
+            extractor_id,
+            device=device,
+            batch=batch,
+            rank=rank,
+            world_size=world_size,
+        )
     scores: dict[str, float] = {}
     if rank == 0:
         for spec in specs:

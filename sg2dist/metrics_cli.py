@@ -19,18 +19,32 @@ from sg2dist.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://")
-    parser.add_argument("--data", default="",
-                        help="dataset URL to compare with (default: the run's data.url)")
-    parser.add_argument("--metrics", default="fid50k",
-                        help="comma-separated, KIND+COUNT generated images: fid50k,kid50k,is50k,"
-                             "pr50k (default: fid50k)")
-    parser.add_argument("--inception-weights", default="",
-                        help="local path or s3:// URL of weights-inception-2015-12-05-6726825d.pth "
-                             "(default: the run's metrics.inception_weights, else download)")
-    parser.add_argument("--num-gen", type=int, default=None,
-                        help="generated images for every metric (quick, less precise scores)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://",
+    )
+    parser.add_argument(
+        "--data", default="", help="dataset URL to compare with (default: the run's data.url)"
+    )
+    parser.add_argument(
+        "--metrics",
+        default="fid50k",
+        help="comma-separated, KIND+COUNT generated images: fid50k,kid50k,is50k,"
+        "pr50k (default: fid50k)",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        default="",
+        help="local path or s3:// URL of weights-inception-2015-12-05-6726825d.pth "
+        "(default: the run's metrics.inception_weights, else download)",
+    )
+    parser.add_argument(
+        "--num-gen",
+        type=int,
+        default=None,
+        help="generated images for every metric (quick, less precise scores)",
+    )
     parser.add_argument("--batch", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -55,9 +69,13 @@ def main(args: argparse.Namespace) -> int:
     if not data_url:
         raise UserError(f"{args.checkpoint} records no data.url; pass --data DATASET_URL")
     scores = compute_metrics(
-        G_ema, data_url, names, device=device,
+        G_ema,
+        data_url,
+        names,
+        device=device,
         inception_weights=args.inception_weights or cfg.metrics.inception_weights,
-        num_gen=args.num_gen, batch=args.batch,
+        num_gen=args.num_gen,
+        batch=args.batch,
     )
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "data": data_url, "metrics": scores}))

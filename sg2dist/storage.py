@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ DEFAULT_MAX_ATTEMPTS = 10
 # A streaming body that breaks mid-read is not retried by botocore; read_bytes
 # re-requests the object this many times before giving up.
 BODY_READ_ATTEMPTS = 3
+READ_BUFFER_BYTES = 1 << 20
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _REFUSED_CODES = {
@@ -278,7 +280,10 @@ def open_read(url: str, *, client: Any = None) -> IO[bytes]:
     client = client or s3_client()
     bucket, key = split_s3(url)
     with _s3_errors(url, client):
-        return client.get_object(Bucket=bucket, Key=key)["Body"]
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+    # Large reads: a tar reader asks for 512-byte headers, and every small read of a
+    # raw botocore body costs a round through urllib3 (measured 2.4x slower).
+    return io.BufferedReader(body, buffer_size=READ_BUFFER_BYTES)
 
 
 def read_bytes(url: str, *, client: Any = None) -> bytes:

@@ -77,6 +77,7 @@ _LIBRARY_LOGGERS = ("urllib3.connectionpool", "mlflow", "botocore", "requests")
 _MAX_PENDING_METRICS = 200_000  # about a week of tick metrics; older ones are dropped first
 _BATCH_METRICS = 1000  # MLflow's limit per log_batch call
 _BATCH_TAGS = 100
+SENT, KEPT, REFUSED = "sent", "kept", "refused"  # outcomes of one guarded MLflow call
 
 
 # ---------------------------------------------------------------------------- secrets
@@ -85,9 +86,7 @@ _BATCH_TAGS = 100
 def _secret_env_values() -> list[str]:
     """Values of environment variables named like secrets (AWS_SECRET_ACCESS_KEY, ...)."""
     return [
-        value
-        for name, value in os.environ.items()
-        if _SECRET_NAME.search(name) and len(value) >= 6
+        value for name, value in os.environ.items() if _SECRET_NAME.search(name) and len(value) >= 8
     ]
 
 
@@ -166,6 +165,21 @@ def _node_id() -> str:
     return "node0"
 
 
+def _one_line(exc: Exception) -> str:
+    """'Type: first line of the message', shortened, secrets masked."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {redact_text(lines[0] if lines else '')[:300]}"
+
+
+def _is_refusal(exc: Exception) -> bool:
+    """A request the server answered with a client error (400 bad value, 404, ...): sending
+    it again cannot help. 429 (rate limited) is a temporary failure like being away."""
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status != 429
+
+
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
     """Silence urllib3/MLflow retry chatter during a guarded call: the tracker prints its own
@@ -204,8 +218,9 @@ class Tracker:
     retry_interval_s = 30.0  # after a failure, skip MLflow calls this long
     warn_interval_s = 60.0  # at most one "MLflow unreachable" warning per this many seconds
 
-    def __init__(self, client: MlflowClient | None = None, run_id: str | None = None,
-                 uri: str = "") -> None:
+    def __init__(
+        self, client: MlflowClient | None = None, run_id: str | None = None, uri: str = ""
+    ) -> None:
         self._client = client
         self._run_id = run_id
         self.uri = uri
@@ -217,8 +232,9 @@ class Tracker:
         self._system_monitor: SystemMetricsMonitor | None = None
 
     @classmethod
-    def start(cls, cfg: Config, *, is_main: bool, run_id: str | None,
-              tags: dict[str, str]) -> Tracker:
+    def start(
+        cls, cfg: Config, *, is_main: bool, run_id: str | None, tags: dict[str, str]
+    ) -> Tracker:
         """Open a new run, or continue `run_id` (from a checkpoint); UserError if the URI fails."""
         if not (is_main and cfg.tracking.enabled):
             return cls()
@@ -233,10 +249,9 @@ class Tracker:
         except UserError:
             raise
         except Exception as exc:
-            reason = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             raise UserError(
-                f"MLflow tracking URI '{redact_text(uri)}' does not work ({type(exc).__name__}: "
-                f"{reason[:300]}); start the server or fix tracking.uri / MLFLOW_TRACKING_URI, "
+                f"MLflow tracking URI '{redact_text(uri)}' does not work ({_one_line(exc)}); "
+                "start the server or fix tracking.uri / MLFLOW_TRACKING_URI, "
                 "or set tracking.enabled=false"
             ) from None
         if cfg.tracking.system_metrics:
@@ -245,8 +260,9 @@ class Tracker:
         return tracker
 
     @staticmethod
-    def _open_run(client: MlflowClient, cfg: Config, run_id: str | None,
-                  artifact_location: str | None) -> str:
+    def _open_run(
+        client: MlflowClient, cfg: Config, run_id: str | None, artifact_location: str | None
+    ) -> str:
         if run_id is not None:
             try:
                 client.get_run(run_id)
@@ -272,14 +288,17 @@ class Tracker:
             logged = self._client.get_run(self._run_id).data.params
             changed = sorted(k for k in params if k in logged and logged[k] != params[k])
             if changed:
-                print(f"[tracking] config changed since the run started (params keep their "
-                      f"first values): {', '.join(changed)}", file=sys.stderr)
+                print(
+                    f"[tracking] config changed since the run started (params keep their "
+                    f"first values): {', '.join(changed)}",
+                    file=sys.stderr,
+                )
             params = {k: v for k, v in params.items() if k not in logged}
         all_tags = {key: redact(key, value) for key, value in tags.items()}
         all_tags["sg2dist.node"] = f"{_node_id()} ({socket.gethostname()})"
         items = [Param(k, v) for k, v in params.items()]
-        for start in range(0, max(len(items), 1), 100):  # MLflow's limit of params per batch
-            self._client.log_batch(self._run_id, params=items[start:start + 100])
+        for first in range(0, len(items), 100):  # MLflow's limit of params per batch
+            self._client.log_batch(self._run_id, params=items[first : first + 100])
         self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
 
     def _start_system_metrics(self, *, resume: bool) -> None:
@@ -300,32 +319,39 @@ class Tracker:
 
     # ------------------------------------------------------------------ guarded calls
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> bool:
-        """`fn(*args, **kwargs)` unless in the back-off window; True when it went through."""
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> str:
+        """`fn(*args, **kwargs)` unless in the back-off window: SENT, KEPT (server away:
+        try again later) or REFUSED (the server rejected this request itself)."""
         now = time.monotonic()
         if now < self._offline_until:
-            return False
+            return KEPT
         try:
             with _quiet_libraries():
                 fn(*args, **kwargs)
         except Exception as exc:
-            self._offline_until = now + self.retry_interval_s
-            self._failing = True
+            refused = _is_refusal(exc)
+            if not refused:
+                self._offline_until = now + self.retry_interval_s
+                self._failing = True
             if now - self._last_warning >= self.warn_interval_s:
                 self._last_warning = now
-                reason = redact_text(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+                what = "refused" if refused else "failed"
+                consequence = (
+                    "that data is dropped"
+                    if refused
+                    else f"metrics are kept and retried every {self.retry_interval_s:g} s"
+                )
                 print(
-                    f"[tracking] warning: MLflow at {redact_text(self.uri)} failed ({fn.__name__}: "
-                    f"{type(exc).__name__}: {reason[:200]}); training goes on, metrics are kept "
-                    f"and retried every {self.retry_interval_s:g} s",
+                    f"[tracking] warning: MLflow at {redact_text(self.uri)} {what} {fn.__name__} "
+                    f"({_one_line(exc)}); training goes on, {consequence}",
                     file=sys.stderr,
                 )
-            return False
+            return REFUSED if refused else KEPT
         if self._failing:
             self._failing = False
             print("[tracking] MLflow reachable again; logging resumed", file=sys.stderr)
             self._restart_system_metrics()
-        return True
+        return SENT
 
     def _restart_system_metrics(self) -> None:
         # MLflow's monitor thread stops for good at its first failed request: replace it.
@@ -338,9 +364,10 @@ class Tracker:
         while self._pending_metrics or self._pending_tags:
             metrics = self._pending_metrics[:_BATCH_METRICS]
             tags = [RunTag(k, v) for k, v in list(self._pending_tags.items())[:_BATCH_TAGS]]
-            if not self._call(self._client.log_batch, self._run_id, metrics=metrics, tags=tags):
+            outcome = self._call(self._client.log_batch, self._run_id, metrics=metrics, tags=tags)
+            if outcome == KEPT:
                 return
-            del self._pending_metrics[:len(metrics)]
+            del self._pending_metrics[: len(metrics)]  # sent, or refused (a bad key or value)
             for tag in tags:
                 self._pending_tags.pop(tag.key, None)
 
@@ -371,11 +398,11 @@ class Tracker:
             return
         if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]  # MLflow takes greyscale as HW
-        self._call(self._client.log_image, self._run_id, image, key=key, step=int(step),
-                   synchronous=True)
+        self._call(
+            self._client.log_image, self._run_id, image, key=key, step=int(step), synchronous=True
+        )
 
-    def log_generator(self, G_ema: torch.nn.Module, cfg: Config, *,
-                      register_name: str = "") -> str:
+    def log_generator(self, G_ema: torch.nn.Module, cfg: Config, *, register_name: str = "") -> str:
         """G_ema as an MLflow pyfunc model (seeds or z, psi -> images); returns its model URI
         ("" when inactive or when MLflow failed)."""
         if not self.active:
@@ -384,8 +411,9 @@ class Tracker:
 
         def log_generator() -> None:
             nonlocal model_uri
-            model_uri = log_generator_model(G_ema, cfg.model, self._run_id, self.uri,
-                                            register_name=register_name)
+            model_uri = log_generator_model(
+                G_ema, cfg.model, self._run_id, self.uri, register_name=register_name
+            )
 
         # The final model is worth one attempt and a warning whatever the back-off says.
         self._offline_until, self._last_warning = 0.0, -float("inf")
@@ -420,13 +448,15 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 
         model_cfg = ModelConfig(**json.loads(Path(context.artifacts["model_config"]).read_text()))
         G, _ = build_networks(model_cfg)
-        G.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu",
-                                     weights_only=True))
+        G.load_state_dict(
+            torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.G = G.eval().requires_grad_(False).to(self.device)
 
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         return _generate_images(self.G, model_input, params or {}, self.device)
 
 
@@ -441,15 +471,17 @@ def _latents_from_rows(G: torch.nn.Module, rows: Any) -> np.ndarray:
     return np.stack([np.random.RandomState(int(seed)).randn(G.z_dim) for seed in rows["seed"]])
 
 
-def _generate_images(G: torch.nn.Module, rows: Any, params: dict[str, Any],
-                         device: torch.device) -> np.ndarray:
+def _generate_images(
+    G: torch.nn.Module, rows: Any, params: dict[str, Any], device: torch.device
+) -> np.ndarray:
     z = torch.from_numpy(_latents_from_rows(G, rows)).float().to(device)
     psi = rows["psi"].fillna(1.0).to_numpy() if "psi" in rows.columns else np.ones(len(rows))
     c = torch.zeros(len(rows), G.c_dim, device=device)
     if G.c_dim > 0:
         if "class_idx" not in rows.columns:
-            raise ValueError(f"this generator is conditional: add a column 'class_idx' in "
-                             f"0..{G.c_dim - 1}")
+            raise ValueError(
+                f"this generator is conditional: add a column 'class_idx' in 0..{G.c_dim - 1}"
+            )
         c[torch.arange(len(rows)), torch.as_tensor(rows["class_idx"].to_numpy())] = 1
     noise_mode = params.get("noise_mode", "const")
     images = []
@@ -482,8 +514,14 @@ def _generator_signature(model_cfg: ModelConfig) -> ModelSignature:
     )
 
 
-def log_generator_model(G_ema: torch.nn.Module, model_cfg: ModelConfig, run_id: str,
-                        tracking_uri: str, *, register_name: str = "") -> str:
+def log_generator_model(
+    G_ema: torch.nn.Module,
+    model_cfg: ModelConfig,
+    run_id: str,
+    tracking_uri: str,
+    *,
+    register_name: str = "",
+) -> str:
     """Log G_ema to `run_id` as the pyfunc model 'generator'; returns its model URI.
     The weights travel as a tensor file plus the ModelConfig JSON, so loading them
     unpickles no code."""

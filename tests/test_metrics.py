@@ -41,8 +41,15 @@ from sg2dist.train.checkpoint import save_checkpoint
 
 RESOLUTION = 16
 NUM_IMAGES = 16
-TINY_G = ModelConfig(resolution=RESOLUTION, img_channels=3, z_dim=16, w_dim=16, map_layers=2,
-                     channel_base=256, channel_max=32)
+TINY_G = ModelConfig(
+    resolution=RESOLUTION,
+    img_channels=3,
+    z_dim=16,
+    w_dim=16,
+    map_layers=2,
+    channel_base=256,
+    channel_max=32,
+)
 
 
 class _ArchitectureOnly(FeatureExtractorInceptionV3):
@@ -57,8 +64,9 @@ def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("inception")
     torch.save({}, folder / "nothing.pt")
     torch.manual_seed(0)
-    extractor = _ArchitectureOnly("inception-v3-compat", ["2048"],
-                                  feature_extractor_weights_path=str(folder / "nothing.pt"))
+    extractor = _ArchitectureOnly(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "nothing.pt")
+    )
     for module in extractor.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -77,8 +85,14 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
         image = Image.fromarray(coarse).resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
         image.save(root / "src" / f"{i:02d}.png")
     settings = ConvertSettings(resolution=RESOLUTION)
-    prepare_dataset(str(root / "src"), str(root / "dataset"), settings, labels="none",
-                    shard_size=6, progress=False)
+    prepare_dataset(
+        str(root / "src"),
+        str(root / "dataset"),
+        settings,
+        labels="none",
+        shard_size=6,
+        progress=False,
+    )
     return str(root / "dataset")
 
 
@@ -98,7 +112,7 @@ class ReplayGenerator(nn.Module):
         self.next = 0
 
     def forward(self, z: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tensor:
-        img = self.images[self.next:self.next + len(z)]
+        img = self.images[self.next : self.next + len(z)]
         self.next += len(z)
         return img
 
@@ -113,17 +127,21 @@ class NoiseGenerator(nn.Module):
 
 
 def test_fid_is_zero_for_the_dataset_itself_large_for_noise_and_reals_come_from_the_cache(
-        dataset: str, inception_weights: str, tmp_path: Path) -> None:
+    dataset: str, inception_weights: str, tmp_path: Path
+) -> None:
     data_url = copy_of(dataset, tmp_path)
     reals = torch.from_numpy(np.stack([img for img, _ in iter_images(data_url)]))
     options = {"device": "cpu", "inception_weights": inception_weights, "batch": 8}
 
+    rng_state = torch.get_rng_state()
     # fid8: the first 8 dataset images against the same 8 images "generated".
     itself = compute_metrics(ReplayGenerator(reals[:8]), data_url, ["fid8", "kid8"], **options)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # a training run's RNG is untouched
     cached = list((Path(data_url) / CACHE_FOLDER).iterdir())
     assert [path.name for path in cached] == [
         f"{open_manifest(data_url).manifest_hash[:16]}-8-inception-"
-        f"{_sha256_prefix(inception_weights)}.npy"]
+        f"{_sha256_prefix(inception_weights)}.npy"
+    ]
 
     # With the shards gone, the real images can only come from the cache.
     for shard in open_manifest(data_url).shards:
@@ -140,7 +158,8 @@ def _sha256_prefix(path: str) -> str:
 
 
 def test_missing_inception_weights_offline_is_one_error_naming_the_file(
-        dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached copy
     for var in ("https_proxy", "HTTPS_PROXY"):  # a proxy that refuses: offline, for sure
         monkeypatch.setenv(var, "http://127.0.0.1:9")
@@ -148,15 +167,20 @@ def test_missing_inception_weights_offline_is_one_error_naming_the_file(
     with pytest.raises(UserError) as error:
         compute_metrics(G, dataset, ["fid16"], device="cpu")
     message = str(error.value)
-    for fact in ("weights-inception-2015-12-05-6726825d.pth", "95,628,359 bytes",
-                 "6726825d0af5f729cebd5821db510", "metrics.inception_weights",
-                 "--inception-weights"):
+    for fact in (
+        "weights-inception-2015-12-05-6726825d.pth",
+        "95,628,359 bytes",
+        "6726825d0af5f729cebd5821db510",
+        "metrics.inception_weights",
+        "--inception-weights",
+    ):
         assert fact in message
     assert "\n" not in message
 
     with pytest.raises(UserError, match="does not exist"):
-        compute_metrics(G, dataset, ["fid16"], device="cpu",
-                        inception_weights=str(tmp_path / "missing.pth"))
+        compute_metrics(
+            G, dataset, ["fid16"], device="cpu", inception_weights=str(tmp_path / "missing.pth")
+        )
 
 
 WORKER = """
@@ -170,7 +194,7 @@ rank, world_size, init, data_url, weights, out, model_json = sys.argv[1:]
 dist.init_process_group("gloo", init_method=init, rank=int(rank), world_size=int(world_size))
 torch.manual_seed(0)
 G, _ = build_networks(ModelConfig(**json.loads(model_json)))
-scores = compute_metrics(G, data_url, ["fid8", "kid8", "is8"], device="cpu",
+scores = compute_metrics(G, data_url, ["fid6", "kid6", "is6"], device="cpu",
                          inception_weights=weights, batch=2, rank=int(rank),
                          world_size=int(world_size))
 with open(out, "w") as f:
@@ -186,22 +210,39 @@ def _free_port() -> int:
 
 
 def test_two_ranks_split_the_work_and_get_the_single_process_scores(
-        dataset: str, inception_weights: str, tmp_path: Path) -> None:
+    dataset: str, inception_weights: str, tmp_path: Path
+) -> None:
     split_data = copy_of(dataset, tmp_path / "split")
     (tmp_path / "worker.py").write_text(WORKER)
     init = f"tcp://127.0.0.1:{_free_port()}"
     model_json = json.dumps(dataclasses.asdict(TINY_G))
     workers = [
-        subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(rank), "2", init,
-                          split_data, inception_weights, str(tmp_path / f"rank{rank}.json"),
-                          model_json])
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(tmp_path / "worker.py"),
+                str(rank),
+                "2",
+                init,
+                split_data,
+                inception_weights,
+                str(tmp_path / f"rank{rank}.json"),
+                model_json,
+            ]
+        )
         for rank in range(2)
     ]
     torch.manual_seed(0)
     G, _ = build_networks(TINY_G)
     single_data = copy_of(dataset, tmp_path / "single")
-    single = compute_metrics(G, single_data, ["fid8", "kid8", "is8"], device="cpu",
-                             inception_weights=inception_weights, batch=2)
+    single = compute_metrics(
+        G,
+        single_data,
+        ["fid6", "kid6", "is6"],
+        device="cpu",
+        inception_weights=inception_weights,
+        batch=2,
+    )
     for worker in workers:
         assert worker.wait(timeout=300) == 0
     by_rank = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
@@ -209,10 +250,11 @@ def test_two_ranks_split_the_work_and_get_the_single_process_scores(
     assert by_rank[0] == by_rank[1]
     assert by_rank[0].keys() == single.keys()
     for name, value in single.items():
+        assert np.isfinite(value)
         assert by_rank[0][name] == pytest.approx(value, rel=1e-4, abs=1e-6)
     # The real features gathered from both ranks are the single process's, in dataset order.
-    split_cache, = (Path(split_data) / CACHE_FOLDER).iterdir()
-    single_cache, = (Path(single_data) / CACHE_FOLDER).iterdir()
+    (split_cache,) = (Path(split_data) / CACHE_FOLDER).iterdir()
+    (single_cache,) = (Path(single_data) / CACHE_FOLDER).iterdir()
     np.testing.assert_allclose(np.load(split_cache), np.load(single_cache), rtol=1e-4, atol=1e-5)
 
 
@@ -221,10 +263,12 @@ def test_frechet_distance_equals_torch_fidelitys(num_a: int, num_b: int) -> None
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(num_a, 32, generator=generator)
     b = torch.randn(num_b, 32, generator=generator) * 1.3 + 0.2
-    reference = fid_statistics_to_metric(fid_features_to_statistics(a),
-                                         fid_features_to_statistics(b), verbose=False)
-    assert frechet_distance(a, b) == pytest.approx(reference["frechet_inception_distance"],
-                                                   rel=1e-6)
+    reference = fid_statistics_to_metric(
+        fid_features_to_statistics(a), fid_features_to_statistics(b), verbose=False
+    )
+    assert frechet_distance(a, b) == pytest.approx(
+        reference["frechet_inception_distance"], rel=1e-6
+    )
 
 
 def test_metric_names_give_the_generated_image_count_and_bad_names_are_user_errors() -> None:
@@ -237,8 +281,8 @@ def test_metric_names_give_the_generated_image_count_and_bad_names_are_user_erro
 
 
 def test_metrics_command_scores_a_checkpoint_and_prints_json(
-        dataset: str, inception_weights: str, tmp_path: Path,
-        capsys: pytest.CaptureFixture) -> None:
+    dataset: str, inception_weights: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data_url = copy_of(dataset, tmp_path)
     cfg = Config()
     cfg.model = TINY_G
@@ -250,8 +294,9 @@ def test_metrics_command_scores_a_checkpoint_and_prints_json(
     save_checkpoint(run_dir, 1000, {"G_ema": G.state_dict()}, {"config": cfg.to_dict()})
 
     started = time.monotonic()
-    code = cli.main(["metrics", "--checkpoint", run_dir, "--metrics", "fid4,kid4",
-                     "--batch", "4", "--json"])
+    code = cli.main(
+        ["metrics", "--checkpoint", run_dir, "--metrics", "fid4,kid4", "--batch", "4", "--json"]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["checkpoint"] == run_dir and report["data"] == data_url

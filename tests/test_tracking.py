@@ -17,10 +17,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from support.mlflow_server import MlflowServer
 
+from sg2dist import cli
 from sg2dist.config import Config, ModelConfig
 from sg2dist.errors import UserError
 from sg2dist.model import build_networks
 from sg2dist.tracking import Tracker
+from sg2dist.train.checkpoint import save_checkpoint
 
 SECRETS = ("SECRETPASS42", "SECRETTOKEN42", "SECRETTAG42", "SECRETENV42", "SECRETKEY42")
 
@@ -35,21 +37,33 @@ def make_config(tmp_path: Path, uri: str) -> Config:
 
 
 def tiny_generator(img_channels: int = 3) -> tuple[torch.nn.Module, ModelConfig]:
-    model_cfg = ModelConfig(resolution=16, img_channels=img_channels, z_dim=16, w_dim=16,
-                            map_layers=2, channel_base=256, channel_max=32)
+    model_cfg = ModelConfig(
+        resolution=16,
+        img_channels=img_channels,
+        z_dim=16,
+        w_dim=16,
+        map_layers=2,
+        channel_base=256,
+        channel_max=32,
+    )
     torch.manual_seed(0)
     G, _ = build_networks(model_cfg)
     return G.eval(), model_cfg
 
 
 def test_start_logs_flattened_config_and_tags_with_every_secret_redacted(
-        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRETENV42")
     cfg = make_config(tmp_path, mlflow_server.uri)
     cfg.data.url = "https://loader:SECRETPASS42@data.example.com/cats?token=SECRETTOKEN42"
     cfg.metrics.inception_weights = "s3://weights/inception.pth?X-Amz-Credential=SECRETENV42"
-    tags = {"sg2dist.version": "0.1.0", "world_size": "2", "dataset_url": cfg.data.url,
-            "api_key": "SECRETKEY42"}
+    tags = {
+        "sg2dist.version": "0.1.0",
+        "world_size": "2",
+        "dataset_url": cfg.data.url,
+        "api_key": "SECRETKEY42",
+    }
 
     tracker = Tracker.start(cfg, is_main=True, run_id=None, tags=tags)
     tracker.set_tag("checkpoint", "https://u:SECRETTAG42@store/ckpt/000100")
@@ -71,22 +85,45 @@ def test_start_logs_flattened_config_and_tags_with_every_secret_redacted(
 
 
 def test_metrics_logged_at_explicit_steps_read_back_in_order(
-        mlflow_server: MlflowServer, tmp_path: Path) -> None:
-    tracker = Tracker.start(make_config(tmp_path, mlflow_server.uri), is_main=True,
-                            run_id=None, tags={})
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    tracker = Tracker.start(
+        make_config(tmp_path, mlflow_server.uri), is_main=True, run_id=None, tags={}
+    )
     for step, loss in [(4, 1.5), (8, 1.25), (12, 1.0)]:
         tracker.log_metrics({"Loss/G": loss, "Progress/kimg": step}, step=step)
     tracker.end()
 
     history = MlflowClient(mlflow_server.uri).get_metric_history(tracker.run_id, "Loss/G")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
-        (4, 1.5), (8, 1.25), (12, 1.0)]
+        (4, 1.5),
+        (8, 1.25),
+        (12, 1.0),
+    ]
+
+
+def test_a_metric_the_server_refuses_is_dropped_and_logging_goes_on(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tracker = Tracker.start(
+        make_config(tmp_path, mlflow_server.uri), is_main=True, run_id=None, tags={}
+    )
+    tracker.log_metrics({"Loss/G": 1.0}, step=1)
+    tracker.log_metrics({"bad|name": 2.0}, step=2)  # MLflow allows no "|" in metric names
+    tracker.log_metrics({"Loss/G": 3.0}, step=3)
+    tracker.end()
+
+    assert "refused log_batch" in capsys.readouterr().err
+    history = MlflowClient(mlflow_server.uri).get_metric_history(tracker.run_id, "Loss/G")
+    assert sorted(m.step for m in history) == [1, 3]
 
 
 def test_image_series_stored_in_s3_through_the_server_with_exact_pixels(
-        mlflow_server: MlflowServer, tmp_path: Path) -> None:
-    tracker = Tracker.start(make_config(tmp_path, mlflow_server.uri), is_main=True,
-                            run_id=None, tags={})
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    tracker = Tracker.start(
+        make_config(tmp_path, mlflow_server.uri), is_main=True, run_id=None, tags={}
+    )
     rng = np.random.default_rng(0)
     grid_step4 = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     grid_step8 = rng.integers(0, 256, (24, 32, 1), dtype=np.uint8)  # greyscale dataset
@@ -95,8 +132,9 @@ def test_image_series_stored_in_s3_through_the_server_with_exact_pixels(
     tracker.end()
 
     client = MlflowClient(mlflow_server.uri)
-    pngs = sorted(f.path for f in client.list_artifacts(tracker.run_id, "images")
-                  if f.path.endswith(".png"))
+    pngs = sorted(
+        f.path for f in client.list_artifacts(tracker.run_id, "images") if f.path.endswith(".png")
+    )
     assert len(pngs) == 2 and all("fakes" in path for path in pngs)
     # MLflow names series images images/<key>+step+<step>+timestamp+... (older: % for +)
     by_step = {int(re.search(r"[+%]step[+%](\d+)", path).group(1)): path for path in pngs}
@@ -104,14 +142,19 @@ def test_image_series_stored_in_s3_through_the_server_with_exact_pixels(
     local = client.download_artifacts(tracker.run_id, by_step[4], str(tmp_path))
     np.testing.assert_array_equal(np.asarray(Image.open(local)), grid_step4)
     # The artifact went through the server's proxy into SeaweedFS, not to a local folder.
-    keys = [obj["Key"] for page in mlflow_server.s3.client().get_paginator("list_objects_v2")
-            .paginate(Bucket=mlflow_server.bucket, Prefix="mlflow/")
-            for obj in page.get("Contents", [])]
+    keys = [
+        obj["Key"]
+        for page in mlflow_server.s3.client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=mlflow_server.bucket, Prefix="mlflow/")
+        for obj in page.get("Contents", [])
+    ]
     assert any(tracker.run_id in key and key.endswith(".png") for key in keys)
 
 
 def test_logged_generator_loads_back_as_pyfunc_and_reproduces_g_ema_images(
-        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     G, model_cfg = tiny_generator()
     cfg = make_config(tmp_path, mlflow_server.uri)
     cfg.model = model_cfg
@@ -139,7 +182,8 @@ def test_logged_generator_loads_back_as_pyfunc_and_reproduces_g_ema_images(
 
 
 def test_resumed_run_id_appends_metrics_to_the_same_run(
-        mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
     cfg = make_config(tmp_path, mlflow_server.uri)
     first = Tracker.start(cfg, is_main=True, run_id=None, tags={})
     first.log_metrics({"Loss/D": 2.0}, step=1)
@@ -161,11 +205,13 @@ def test_resumed_run_id_appends_metrics_to_the_same_run(
 
 
 def test_server_down_mid_run_warns_once_per_minute_keeps_metrics_and_resumes(
-        s3_server, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    s3_server, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     server = MlflowServer(tmp_path / "mlflow", s3_server).start()
     try:
-        tracker = Tracker.start(make_config(tmp_path, server.uri), is_main=True, run_id=None,
-                                tags={})
+        tracker = Tracker.start(
+            make_config(tmp_path, server.uri), is_main=True, run_id=None, tags={}
+        )
         tracker.retry_interval_s = 0.2  # retry quickly; keep the 60 s warning interval
         tracker.log_metrics({"Loss/G": 1.0}, step=1)
         server.stop()
@@ -208,8 +254,9 @@ def test_unusable_uri_at_start_is_one_user_error_without_secrets(tmp_path: Path)
         Tracker.start(cfg, is_main=True, run_id=None, tags={})
 
 
-def test_unknown_resume_run_id_is_a_user_error(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_resume_run_id_is_a_user_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = make_config(tmp_path, "")
     with pytest.raises(UserError, match="is not in the tracking store"):
@@ -217,7 +264,8 @@ def test_unknown_resume_run_id_is_a_user_error(tmp_path: Path,
 
 
 def test_default_store_is_sqlite_beside_the_run_dir_with_system_metrics(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     cfg = make_config(tmp_path, "")
@@ -238,8 +286,7 @@ def test_default_store_is_sqlite_beside_the_run_dir_with_system_metrics(
 
 def test_non_main_rank_and_disabled_tracking_get_an_inactive_tracker(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, "http://127.0.0.1:9")  # never contacted
-    for tracker in (Tracker.start(cfg, is_main=False, run_id=None, tags={}),
-                    _disabled(cfg)):
+    for tracker in (Tracker.start(cfg, is_main=False, run_id=None, tags={}), _disabled(cfg)):
         assert not tracker.active and tracker.run_id is None
         tracker.log_metrics({"Loss/G": 1.0}, step=1)
         tracker.log_image(np.zeros((4, 4, 3), np.uint8), key="fakes", step=1)
@@ -253,3 +300,44 @@ def _disabled(cfg: Config) -> Tracker:
     cfg.tracking.enabled = False
     return Tracker.start(cfg, is_main=True, run_id=None, tags={})
 
+
+def test_export_command_logs_a_checkpoints_g_ema_as_a_registered_model(
+    mlflow_server: MlflowServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    G, model_cfg = tiny_generator()
+    cfg = make_config(tmp_path, "")
+    cfg.model = model_cfg
+    save_checkpoint(
+        cfg.run.dir,
+        2000,
+        {"G_ema": G.state_dict()},
+        {"config": cfg.to_dict(), "mlflow_run_id": "0f" * 16},
+    )
+    register_name = f"export-{uuid.uuid4().hex[:6]}"
+
+    command = ["export", "--checkpoint", cfg.run.dir, "--register", register_name]
+    assert cli.main([*command, "--tracking-uri", mlflow_server.uri]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    model_uri = re.search(r" as (\S+) \(run (\w+)\)", printed).group(1)
+    run_id = re.search(r" as (\S+) \(run (\w+)\)", printed).group(2)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    images = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"seed": [3]}))
+    z = torch.from_numpy(np.random.RandomState(3).randn(1, 16)).float()
+    with torch.no_grad():
+        expected = G(z, torch.zeros(1, 0), noise_mode="const")
+    expected_uint8 = (expected * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    np.testing.assert_array_equal(images[0], expected_uint8[0].permute(1, 2, 0).numpy())
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "export-cats" and run.info.status == "FINISHED"
+    assert run.data.tags["sg2dist.export_of"] == cfg.run.dir
+    assert run.data.tags["sg2dist.training_run_id"] == "0f" * 16
+    assert len(client.search_model_versions(f"name='{register_name}'")) == 1
+
+    assert cli.main([*command, "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "does not work" in capsys.readouterr().err

@@ -297,6 +297,7 @@ def prepare_dataset(
             random.Random(SHUFFLE_SEED).shuffle(names)
         skipped = list(inputs.skipped)
         output = ShardOutput(dest, _shard_name_prefix(dest), shard_size)
+        # disable=None: a bar only when attached to a terminal (no \r noise in logs)
         bar = tqdm(total=len(names), unit="img", desc="prepare", disable=not progress or None)
         try:
             for name, result in _converted(source, names, settings, workers):

@@ -1,4 +1,4 @@
-"""Reading tar shards (local or s3://) with webdataset's tar iteration.
+"""Reading tar shards (local or s3://): webdataset's opener and grouping, a lean tar reader.
 
 s3:// shards open through `sg2dist.storage` (boto3): a handler registered in
 webdataset's `gopen_schemes` receives the caller's client, so every DataLoader
@@ -6,6 +6,12 @@ worker uses its own. A read that breaks off mid-shard (a reset connection, a
 server restart) re-opens the shard and continues after the samples already
 given out, so a consumer sees each sample exactly once; after READ_ATTEMPTS the
 failure becomes one UserError naming the shard.
+
+Tar members are read by `tar_members`, not by webdataset's tar_file_iterator: that
+one goes through `tarfile`'s stream mode at ~50 us per member, against ~8 us here,
+and at 64 px the difference is a third of the PNG decode time (measured with
+`sg2dist bench data`). Shards come from `sg2dist prepare`, so plain USTAR with
+short names is all this reader needs; anything else is reported, not guessed at.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from sg2dist import storage
 from sg2dist.data.imageops import decode_sample
@@ -26,6 +32,8 @@ from sg2dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
+TAR_BLOCK = 512
+END_OF_ARCHIVE = bytes(TAR_BLOCK)  # the first of the two zero blocks that end a tar
 READ_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 1.0  # 1, 2, 4 s between attempts
 
@@ -43,6 +51,42 @@ def register_s3_scheme() -> None:
     gopen_schemes["s3"] = _gopen_s3
 
 
+def _read_exactly(stream: IO[bytes], size: int, url: str) -> bytes:
+    data = stream.read(size)
+    while len(data) < size:  # network streams may return short reads
+        more = stream.read(size - len(data))
+        if not more:
+            raise EOFError(f"{url} ends early (truncated tar)")
+        data += more
+    return data
+
+
+def tar_members(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """The regular files of a USTAR stream, in order, as webdataset's file records."""
+    while True:
+        header = _read_exactly(stream, TAR_BLOCK, url)  # EOFError: cut before the end marker
+        if header == END_OF_ARCHIVE:
+            return
+        # The checksum counts its own 8-byte field as spaces; a mismatch means damage.
+        if (
+            int(header[148:156].strip(b"\0 ") or b"0", 8)
+            != sum(header) - sum(header[148:156]) + 256
+        ):
+            raise ValueError(f"{url}: tar header checksum mismatch (damaged shard)")
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        data = _read_exactly(stream, size, url)
+        _read_exactly(stream, -size % TAR_BLOCK, url)  # padding to the next block
+        kind = header[156:157]
+        if kind in (b"x", b"g", b"L", b"K"):
+            raise ValueError(
+                f"{url}: extended tar headers are not supported; write shards "
+                "with `sg2dist prepare`"
+            )
+        if kind in (b"0", b"\0"):
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+            yield {"fname": name, "data": data, "__url__": url}
+
+
 def _open_tar_samples(url: str, client: Any) -> tuple[IO[bytes], Iterator[dict[str, Any]]]:
     """The open stream and its samples: dicts of raw bytes by extension, plus __key__."""
     if storage.is_s3(url):
@@ -55,7 +99,7 @@ def _open_tar_samples(url: str, client: Any) -> tuple[IO[bytes], Iterator[dict[s
             raise UserError(
                 f"shard {url} is missing; re-run `sg2dist prepare` for this dataset"
             ) from None
-    return stream, group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    return stream, group_by_keys(tar_members(stream, url))
 
 
 def read_shard(url: str, *, client: Any = None) -> Iterator[dict[str, Any]]:
@@ -70,7 +114,7 @@ def read_shard(url: str, *, client: Any = None) -> Iterator[dict[str, Any]]:
                     given += 1
                     yield sample
             return
-        except Exception as exc:  # tarfile, urllib3 and botocore errors all mean "read broke"
+        except Exception as exc:  # tar, urllib3 and botocore errors all mean "the read broke"
             reason = f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
             if not storage.is_s3(url):
                 raise UserError(

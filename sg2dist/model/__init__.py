@@ -10,7 +10,7 @@ Build on `torch.device("meta")` to count parameters without allocating memory:
 
 from __future__ import annotations
 
-from sg2dist.config import ModelConfig
+from sg2dist.config import ConfigError, ModelConfig
 from sg2dist.model.discriminator import Discriminator
 from sg2dist.model.generator import Generator
 
@@ -18,6 +18,13 @@ __all__ = ["Discriminator", "Generator", "build_networks", "count_params"]
 
 
 def build_networks(model_cfg: ModelConfig) -> tuple[Generator, Discriminator]:
+    res = model_cfg.resolution
+    if min(model_cfg.channel_base // res, model_cfg.channel_max) < 1:
+        raise ConfigError(
+            f"model.channel_base={model_cfg.channel_base} leaves no channels at {res} px "
+            f"(channels = min(channel_base / resolution, channel_max)); "
+            f"set model.channel_base to at least {res}"
+        )
     G = Generator(
         z_dim=model_cfg.z_dim,
         c_dim=model_cfg.c_dim,

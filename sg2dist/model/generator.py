@@ -14,6 +14,7 @@ from torch import nn
 from sg2dist.model.layers import (
     LRELU_GAIN,
     FullyConnected,
+    channels_last,
     fir_filter,
     lrelu_clamp_,
     modulated_conv2d,
@@ -33,9 +34,17 @@ def fp16_min_resolution(img_resolution: int, num_fp16_res: int) -> int:
     return max(2 ** (int(math.log2(img_resolution)) + 1 - num_fp16_res), 8)
 
 
-def block_dtype(use_fp16: bool, device: torch.device) -> torch.dtype:
-    # fp16 convolutions are slow or missing on CPU: the fp16 blocks fall back to fp32 there.
-    return torch.float16 if use_fp16 and device.type == "cuda" else torch.float32
+def compute_dtype(use_fp16: bool, param: torch.Tensor) -> torch.dtype:
+    """fp16 for the official mixed-precision blocks on CUDA, else the parameters' dtype.
+
+    fp16 convolutions are slow or missing on CPU, so fp16 blocks fall back to fp32 there.
+    """
+    return torch.float16 if use_fp16 and param.device.type == "cuda" else param.dtype
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs (e.g. from autocast) become fp32; fp32/fp64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class MappingNetwork(nn.Module):
@@ -46,8 +55,17 @@ class MappingNetwork(nn.Module):
     z_dim=0 to embed labels (num_ws=None, no w_avg).
     """
 
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, num_ws: int | None, *,
-                 num_layers: int = 8, lr_mult: float = 0.01, w_avg_beta: float | None = 0.995):
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        num_ws: int | None,
+        *,
+        num_layers: int = 8,
+        lr_mult: float = 0.01,
+        w_avg_beta: float | None = 0.995,
+    ):
         super().__init__()
         self.z_dim = z_dim
         self.c_dim = c_dim
@@ -65,21 +83,28 @@ class MappingNetwork(nn.Module):
         if num_ws is not None and w_avg_beta is not None:
             self.register_buffer("w_avg", torch.zeros([w_dim]))
 
-    def forward(self, z: torch.Tensor | None, c: torch.Tensor | None,
-                truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
-                update_emas: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor | None,
+        c: torch.Tensor | None,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+        update_emas: bool = False,
+    ) -> torch.Tensor:
         parts = []
         if self.z_dim > 0:
-            parts.append(normalize_2nd_moment(z.to(torch.float32)))
+            parts.append(normalize_2nd_moment(at_least_fp32(z)))
         if self.embed is not None:
-            parts.append(normalize_2nd_moment(self.embed(c.to(torch.float32))))
+            parts.append(normalize_2nd_moment(self.embed(at_least_fp32(c))))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         for layer in self.layers:
             x = layer(x)
 
         if update_emas and self.w_avg_beta is not None:
             with torch.no_grad():
-                self.w_avg.copy_(x.detach().float().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+                self.w_avg.copy_(
+                    x.detach().to(self.w_avg.dtype).mean(dim=0).lerp(self.w_avg, self.w_avg_beta)
+                )
         if self.num_ws is None:
             return x
         # A real copy per layer, not an expanded view: callers may write into ws.
@@ -89,18 +114,25 @@ class MappingNetwork(nn.Module):
         return ws
 
     def truncate(self, ws: torch.Tensor, psi: float, cutoff: int | None) -> torch.Tensor:
-        """Pull ws towards w_avg: w_avg + psi (w - w_avg), for the first `cutoff` layers."""
-        psi_per_layer = torch.ones([self.num_ws, 1], device=ws.device, dtype=ws.dtype)
-        psi_per_layer[: self.num_ws if cutoff is None else cutoff] = psi
-        w_avg = self.w_avg.to(ws.dtype)
-        return w_avg + (ws - w_avg) * psi_per_layer
+        """Pull ws towards w_avg, w_avg + psi (w - w_avg), in the first `cutoff` layers only."""
+        cutoff = self.num_ws if cutoff is None else cutoff
+        truncated = self.w_avg.to(ws.dtype).lerp(ws[:, :cutoff], psi)
+        return torch.cat([truncated, ws[:, cutoff:]], dim=1)
 
 
 class SynthesisLayer(nn.Module):
     """Modulated 3x3 conv (optionally 2x upsampling) + per-pixel noise + bias + leaky ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, *,
-                 up: bool = False, conv_clamp: float | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        *,
+        up: bool = False,
+        conv_clamp: float | None = None,
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -114,21 +146,35 @@ class SynthesisLayer(nn.Module):
         self.register_buffer("noise_const", torch.randn([resolution, resolution]))
         self.register_buffer("fir", fir_filter(), persistent=False)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random",
-                fused_modconv: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        noise_mode: str = "random",
+        fused_modconv: bool = False,
+    ) -> torch.Tensor:
         styles = self.affine(w)
         # The activation gain rides on the demodulation scale, the noise and the bias:
         # all three are added before the (positively homogeneous) leaky ReLU.
         noise = None
         if noise_mode == "random":
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution],
-                                device=x.device, dtype=x.dtype)
+            noise = torch.randn(
+                [x.shape[0], 1, self.resolution, self.resolution], device=x.device, dtype=x.dtype
+            )
             noise = noise * (self.noise_strength * LRELU_GAIN).to(x.dtype)
         elif noise_mode == "const":
             noise = self.noise_const * (self.noise_strength * LRELU_GAIN)
-        x = modulated_conv2d(x, self.weight, styles, out_gain=LRELU_GAIN, up=self.up,
-                             fir=self.fir, noise=noise, bias_O=self.bias * LRELU_GAIN,
-                             fused=fused_modconv)
+        x = modulated_conv2d(
+            x,
+            self.weight,
+            styles,
+            out_gain=LRELU_GAIN,
+            up=self.up,
+            fir=self.fir,
+            noise=noise,
+            bias_O=self.bias * LRELU_GAIN,
+            fused=fused_modconv,
+        )
         return lrelu_clamp_(x, self.conv_clamp)
 
     def extra_repr(self) -> str:
@@ -138,8 +184,9 @@ class SynthesisLayer(nn.Module):
 class ToRGB(nn.Module):
     """Modulated 1x1 conv to image channels, no demodulation, linear."""
 
-    def __init__(self, in_channels: int, img_channels: int, w_dim: int, *,
-                 conv_clamp: float | None = None):
+    def __init__(
+        self, in_channels: int, img_channels: int, w_dim: int, *, conv_clamp: float | None = None
+    ):
         super().__init__()
         self.conv_clamp = conv_clamp
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
@@ -149,16 +196,26 @@ class ToRGB(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = False):
         styles = self.affine(w) * self.weight_gain
-        y = modulated_conv2d(x, self.weight, styles, demodulate=False, bias_O=self.bias,
-                             fused=fused_modconv)
+        y = modulated_conv2d(
+            x, self.weight, styles, demodulate=False, bias_O=self.bias, fused=fused_modconv
+        )
         return y.clamp(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else y
 
 
 class SynthesisBlock(nn.Module):
     """One resolution: (const 4x4 | conv0 with 2x up), conv1, toRGB added to the upsampled image."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int,
-                 img_channels: int, *, use_fp16: bool = False, conv_clamp: float | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        img_channels: int,
+        *,
+        use_fp16: bool = False,
+        conv_clamp: float | None = None,
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -168,25 +225,36 @@ class SynthesisBlock(nn.Module):
             self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
             self.conv0 = None
         else:
-            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True,
-                                        conv_clamp=conv_clamp)
-        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution,
-                                    conv_clamp=conv_clamp)
+            self.conv0 = SynthesisLayer(
+                in_channels, out_channels, w_dim, resolution, up=True, conv_clamp=conv_clamp
+            )
+        self.conv1 = SynthesisLayer(
+            out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp
+        )
         self.torgb = ToRGB(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
         self.num_conv = 1 if in_channels == 0 else 2
         self.register_buffer("fir", fir_filter(), persistent=False)
 
-    def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor,
-                noise_mode: str = "random", fused_modconv: bool = False):
-        """ws [N, num_conv + 1, w_dim] -> (features [N, C, R, R], img [N, img_channels, R, R] fp32)."""
-        dtype = block_dtype(self.use_fp16, ws.device)
+    def forward(
+        self,
+        x: torch.Tensor | None,
+        img: torch.Tensor | None,
+        ws: torch.Tensor,
+        noise_mode: str = "random",
+        fused_modconv: bool = False,
+    ):
+        """ws [N, num_conv + 1, w_dim] -> (features [N, C, R, R], img [N, img_channels, R, R]).
+
+        The image stays in the dtype of ws (fp32) even when the block runs in fp16.
+        """
+        dtype = compute_dtype(self.use_fp16, self.conv1.weight)
         if self.conv0 is None:
-            x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = channels_last(self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1))
             x = self.conv1(x, ws[:, 0], noise_mode, fused_modconv)
         else:
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, fused_modconv)
             x = self.conv1(x, ws[:, 1], noise_mode, fused_modconv)
-        y = self.torgb(x, ws[:, self.num_conv], fused_modconv).to(torch.float32)
+        y = self.torgb(x, ws[:, self.num_conv], fused_modconv).to(ws.dtype)
         img = y if img is None else y.add_(upsample2d(img, self.fir))
         return x, img
 
@@ -194,9 +262,18 @@ class SynthesisBlock(nn.Module):
 class SynthesisNetwork(nn.Module):
     """ws -> image: a block per resolution 4, 8, ..., img_resolution (skip architecture)."""
 
-    def __init__(self, w_dim: int, img_resolution: int, img_channels: int, *,
-                 channel_base: int = 32768, channel_max: int = 512, num_fp16_res: int = 0,
-                 conv_clamp: float | None = None, fused_modconv: bool = False):
+    def __init__(
+        self,
+        w_dim: int,
+        img_resolution: int,
+        img_channels: int,
+        *,
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        num_fp16_res: int = 0,
+        conv_clamp: float | None = None,
+        fused_modconv: bool = False,
+    ):
         super().__init__()
         self.w_dim = w_dim
         self.img_resolution = img_resolution
@@ -206,35 +283,58 @@ class SynthesisNetwork(nn.Module):
         fp16_from = fp16_min_resolution(img_resolution, num_fp16_res)
         self.blocks = nn.ModuleDict()
         for res in resolutions:
-            in_channels = channels_per_resolution(res // 2, channel_base, channel_max) if res > 4 else 0
+            in_channels = (
+                channels_per_resolution(res // 2, channel_base, channel_max) if res > 4 else 0
+            )
             self.blocks[f"b{res}"] = SynthesisBlock(
-                in_channels, channels_per_resolution(res, channel_base, channel_max), w_dim, res,
-                img_channels, use_fp16=num_fp16_res > 0 and res >= fp16_from, conv_clamp=conv_clamp)
+                in_channels,
+                channels_per_resolution(res, channel_base, channel_max),
+                w_dim,
+                res,
+                img_channels,
+                use_fp16=num_fp16_res > 0 and res >= fp16_from,
+                conv_clamp=conv_clamp,
+            )
         # Each block's toRGB shares its w with the next block's first conv.
         self.num_ws = sum(block.num_conv for block in self.blocks.values()) + 1
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "random",
-                fused_modconv: bool | None = None) -> torch.Tensor:
+    def forward(
+        self, ws: torch.Tensor, noise_mode: str = "random", fused_modconv: bool | None = None
+    ) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode '{noise_mode}' is not one of {', '.join(NOISE_MODES)}")
         if ws.ndim != 3 or ws.shape[1:] != (self.num_ws, self.w_dim):
-            raise ValueError(f"ws has shape {list(ws.shape)}; expected [N, {self.num_ws}, {self.w_dim}]")
+            raise ValueError(
+                f"ws has shape {list(ws.shape)}; expected [N, {self.num_ws}, {self.w_dim}]"
+            )
         fused = self.fused_modconv if fused_modconv is None else fused_modconv
-        ws = ws.to(torch.float32)
+        ws = at_least_fp32(ws)
         x = img = None
         w_idx = 0
         for block in self.blocks.values():
             block_ws = ws.narrow(1, w_idx, block.num_conv + 1)
             x, img = block(x, img, block_ws, noise_mode, fused)
             w_idx += block.num_conv
-        return img
+        return img.contiguous()  # callers get a plain NCHW image
 
 
 class Generator(nn.Module):
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, img_resolution: int, img_channels: int,
-                 *, map_layers: int = 8, map_lr_mult: float = 0.01, channel_base: int = 32768,
-                 channel_max: int = 512, num_fp16_res: int = 0, conv_clamp: float | None = None,
-                 fused_modconv: bool = False):
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        img_resolution: int,
+        img_channels: int,
+        *,
+        map_layers: int = 8,
+        map_lr_mult: float = 0.01,
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        num_fp16_res: int = 0,
+        conv_clamp: float | None = None,
+        fused_modconv: bool = False,
+    ):
         super().__init__()
         self.z_dim = z_dim
         self.c_dim = c_dim
@@ -242,25 +342,47 @@ class Generator(nn.Module):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.synthesis = SynthesisNetwork(
-            w_dim, img_resolution, img_channels, channel_base=channel_base,
-            channel_max=channel_max, num_fp16_res=num_fp16_res, conv_clamp=conv_clamp,
-            fused_modconv=fused_modconv)
+            w_dim,
+            img_resolution,
+            img_channels,
+            channel_base=channel_base,
+            channel_max=channel_max,
+            num_fp16_res=num_fp16_res,
+            conv_clamp=conv_clamp,
+            fused_modconv=fused_modconv,
+        )
         self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork(z_dim, c_dim, w_dim, self.num_ws, num_layers=map_layers,
-                                      lr_mult=map_lr_mult)
+        self.mapping = MappingNetwork(
+            z_dim, c_dim, w_dim, self.num_ws, num_layers=map_layers, lr_mult=map_lr_mult
+        )
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
-                truncation_cutoff: int | None = None, noise_mode: str = "random",
-                update_emas: bool = False, style_mixing_prob: float = 0.0,
-                return_ws: bool = False, fused_modconv: bool | None = None):
+    def forward(
+        self,
+        z: torch.Tensor,
+        c: torch.Tensor,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+        noise_mode: str = "random",
+        update_emas: bool = False,
+        style_mixing_prob: float = 0.0,
+        return_ws: bool = False,
+        fused_modconv: bool | None = None,
+    ):
         ws = self.mapping(z, c, truncation_psi, truncation_cutoff, update_emas)
         if style_mixing_prob > 0:
             ws = self.mix_styles(ws, z, c, style_mixing_prob, truncation_psi, truncation_cutoff)
         img = self.synthesis(ws, noise_mode, fused_modconv)
         return (img, ws) if return_ws else img
 
-    def mix_styles(self, ws: torch.Tensor, z: torch.Tensor, c: torch.Tensor, prob: float,
-                   truncation_psi: float = 1.0, truncation_cutoff: int | None = None):
+    def mix_styles(
+        self,
+        ws: torch.Tensor,
+        z: torch.Tensor,
+        c: torch.Tensor,
+        prob: float,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+    ):
         """With probability `prob`, ws after a random crossover layer in [1, num_ws) come
         from the mapping of a second random z (the same for the whole batch).
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sg2dist.data import StreamState, build_loader, check_resolution, open_manifest
+from sg2dist.data.shards import tar_members
 from sg2dist.errors import UserError
 
 
@@ -154,6 +155,25 @@ def test_missing_shard_is_one_clear_error_naming_it(stream_dataset, copy_dataset
         for _ in _loader(url, workers=2, resampled=False, world_size=1):
             pass
     assert f"shard {missing} is missing" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_shard_is_one_clear_error_naming_it(stream_dataset, copy_dataset):
+    url = copy_dataset(stream_dataset)
+    damaged = os.path.join(url, open_manifest(url).shards[2].name)
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+    with pytest.raises(UserError, match=f"shard {damaged} is damaged .*truncated"):
+        for _ in _loader(url, workers=0, resampled=False):
+            pass
+
+
+def test_tar_reader_returns_what_tarfile_reads_from_a_prepared_shard(stream_dataset):
+    shard = os.path.join(stream_dataset, open_manifest(stream_dataset).shards[0].name)
+    with tarfile.open(shard) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with open(shard, "rb") as f:
+        records = [(r["fname"], r["data"]) for r in tar_members(f, shard)]
+    assert records == expected and len(records) == 2 * 16  # .cls and .png per sample
 
 
 def test_resume_with_another_worker_count_is_refused(stream_dataset):

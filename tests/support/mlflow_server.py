@@ -49,13 +49,25 @@ class MlflowServer:
         return {"MLFLOW_TRACKING_URI": self.uri}
 
     def start(self, timeout_s: float = 90.0) -> MlflowServer:
-        command = [sys.executable, str(LOCAL_STACK), "--dir", self.workdir,
-                   "--services", "mlflow", "--bucket", self.bucket,
-                   "--mlflow-port", str(self.port), "--timeout", str(timeout_s)]
+        command = [
+            sys.executable,
+            str(LOCAL_STACK),
+            "--dir",
+            self.workdir,
+            "--services",
+            "mlflow",
+            "--bucket",
+            self.bucket,
+            "--mlflow-port",
+            str(self.port),
+            "--timeout",
+            str(timeout_s),
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env.update(self.s3.env())
-        self._process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env,
-                                         stdin=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL
+        )
         uri = self._read_exports(timeout_s + 10).get("MLFLOW_TRACKING_URI", "")
         self.port = int(uri.rsplit(":", 1)[1])
         return self
@@ -66,8 +78,9 @@ class MlflowServer:
         # A reader thread, not select(): a buffered readline can swallow the ready line.
         lines: queue.Queue[str] = queue.Queue()
         stdout = self._process.stdout
-        threading.Thread(target=lambda: [lines.put(line) for line in stdout] + [lines.put("")],
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: [lines.put(line) for line in stdout] + [lines.put("")], daemon=True
+        ).start()
         exports: dict[str, str] = {}
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -78,7 +91,7 @@ class MlflowServer:
             if not line:  # local-stack exited before it was ready
                 break
             if line.startswith("export "):
-                key, _, value = line[len("export "):].strip().partition("=")
+                key, _, value = line[len("export ") :].strip().partition("=")
                 exports[key] = value
             elif line.startswith(READY_LINE):
                 return exports
@@ -104,8 +117,9 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(s3_server: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[MlflowServer]:
+def mlflow_server(
+    s3_server: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
     """A running MLflow tracking server for the whole session; stopped at the end."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3_server).start()
     try:
