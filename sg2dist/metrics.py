@@ -4,13 +4,14 @@ Metric names are `<kind><count>[k]`: fid50k, kid50k, fid10k, is50k, pr50k. The c
 the number of generated images; the real images are the whole dataset when it is
 smaller, else its first `count` images in manifest order.
 
-Work split: every rank generates and embeds the batches whose index i has
-i % world_size == rank; rank 0 gathers the Inception features (torch.distributed
-gather_object), computes the scores and broadcasts them, so every rank returns the same
-dict. The caller runs it on all ranks at once (the trainer raises the process-group
-timeout so a long evaluation cannot trip it). Batch i always draws its latents from
-seed i on a forked RNG: scores do not depend on the world size, and the caller's RNG
-state is left as it was (exact resume).
+Work split: with world_size > 1 every rank calls it, generates and embeds the batches
+whose index i has i % world_size == rank; rank 0 gathers the Inception features
+(torch.distributed gather_object), computes the scores and broadcasts them, so every
+rank returns the same dict. With the defaults (rank 0, world size 1) one process does
+everything while the others wait at a barrier; either way the caller raises the
+process-group timeout so a long evaluation cannot trip it. Batch i always draws its
+latents from seed i: scores do not depend on the world size. All of it runs on a forked
+RNG, so the caller's RNG state is left as it was (exact resume).
 
 Real-image features are computed once per (dataset manifest hash, real image count,
 feature extractor) and cached next to the dataset as

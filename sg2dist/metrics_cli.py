@@ -51,12 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sg2dist.metrics import compute_metrics
+    from sg2dist.metrics import compute_metrics, parse_metric
     from sg2dist.train.checkpoint import load_generator
 
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     if not names:
         raise UserError("--metrics is empty; write e.g. --metrics fid50k,kid50k")
+    for name in names:  # before the slow checkpoint load
+        parse_metric(name)
     if args.num_gen is not None and args.num_gen < 2:
         raise UserError(f"--num-gen {args.num_gen} is too small; use at least 2 (e.g. 10000)")
     if args.batch < 1:

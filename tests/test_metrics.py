@@ -101,6 +101,10 @@ def copy_of(dataset_url: str, folder: Path) -> str:
     return str(shutil.copytree(dataset_url, folder / "dataset"))
 
 
+def _sha256_prefix(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 class ReplayGenerator(nn.Module):
     """Returns the given images in order, whatever z: its 'generated' set is the dataset."""
 
@@ -151,10 +155,6 @@ def test_fid_is_zero_for_the_dataset_itself_large_for_noise_and_reals_come_from_
     assert noise["fid8"] > 1.0 and noise["kid8"] > 0.01
     assert abs(itself["fid8"]) < 1e-4 * noise["fid8"]
     assert abs(itself["kid8"]) < 0.01 * noise["kid8"]
-
-
-def _sha256_prefix(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def test_missing_inception_weights_offline_is_one_error_naming_the_file(
@@ -228,7 +228,8 @@ def test_two_ranks_split_the_work_and_get_the_single_process_scores(
                 inception_weights,
                 str(tmp_path / f"rank{rank}.json"),
                 model_json,
-            ]
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},  # 2 workers + this process on 2 cores
         )
         for rank in range(2)
     ]

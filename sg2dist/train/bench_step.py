@@ -52,6 +52,8 @@ def run_step_bench(args) -> dict[str, float]:
     acc = make_accelerator(cfg.train.precision)
     nets = build_nets(cfg, acc)
     if args.compile:
+        # Main phases compiled; R1 and path length (double backward) stay eager.
+        nets.G_reg_ddp, nets.D_reg_ddp = nets.G_ddp, nets.D_ddp
         nets.G_ddp, nets.D_ddp = torch.compile(nets.G_ddp), torch.compile(nets.D_ddp)
     ctx = build_step_context(cfg, acc)
     shape = (args.batch, args.channels, args.resolution, args.resolution)

@@ -49,6 +49,7 @@ class Progress:
     step: int = 0  # training iterations (one global batch each)
     tick_start_nimg: int = 0
     next_snapshot_nimg: int = 0
+    metrics_done_period: int = -1  # index of the last metrics.every_kimg period scored
 
 
 @dataclass
@@ -437,20 +438,19 @@ def maybe_compute_metrics(session: Session) -> None:
     if m.every_kimg <= 0:
         return
     period = int(m.every_kimg * 1000)
-    if (session.progress.cur_nimg // period) <= session.timers.get("metrics_done_period", -1):
+    if session.progress.cur_nimg // period <= session.progress.metrics_done_period:
         return
-    session.timers["metrics_done_period"] = session.progress.cur_nimg // period
-    if session.is_main:
-        from sg2dist.metrics import compute_metrics
+    session.progress.metrics_done_period = session.progress.cur_nimg // period
+    from sg2dist.metrics import compute_metrics
 
-        scores = compute_metrics(
-            session.nets.G_ema, session.cfg.data.url, m.metrics,
-            device=session.accelerator.device, inception_weights=m.inception_weights,
-        )
-        print("metrics " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
-        session.tracker.log_metrics(scores, step=session.progress.cur_nimg)
-    # Sync point: the other ranks wait here (the process-group timeout is raised for it).
-    session.accelerator.wait_for_everyone()
+    # Every rank generates its share; rank 0 gathers, scores and broadcasts the result.
+    acc = session.accelerator
+    scores = compute_metrics(
+        session.nets.G_ema, session.cfg.data.url, m.metrics, device=acc.device,
+        inception_weights=m.inception_weights, rank=acc.process_index, world_size=acc.num_processes,
+    )
+    session.on_main(print, "metrics " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
+    session.on_main(session.tracker.log_metrics, scores, step=session.progress.cur_nimg)
 
 
 @torch.no_grad()

@@ -64,6 +64,10 @@ class Nets:
     G_ema: torch.nn.Module
     G_opt: torch.optim.Optimizer
     D_opt: torch.optim.Optimizer
+    # The regularisation phases need double backward, which torch.compile does not support:
+    # with compiled G_ddp/D_ddp these hold the eager modules (None = same as G_ddp/D_ddp).
+    G_reg_ddp: torch.nn.Module | None = None
+    D_reg_ddp: torch.nn.Module | None = None
 
 
 @dataclass
@@ -99,7 +103,8 @@ def _phase_passes(ctx: StepContext, nets: Nets, phase: Phase, real_img, real_c, 
         n = max(len(gen_z) // t.pl_batch_shrink, 1)
 
         def greg():
-            lengths, gen_img = L.path_lengths(nets.G_ddp, gen_z[:n], gen_c[:n], mix, _scale_fn(ctx))
+            G_reg = nets.G_reg_ddp or nets.G_ddp
+            lengths, gen_img = L.path_lengths(G_reg, gen_z[:n], gen_c[:n], mix, _scale_fn(ctx))
             return L.pl_loss(
                 lengths, gen_img, pl_mean=ctx.pl_mean, pl_weight=t.pl_weight, gain=phase.interval
             )
@@ -113,7 +118,7 @@ def _phase_passes(ctx: StepContext, nets: Nets, phase: Phase, real_img, real_c, 
     if phase.name == "Dreg":
         return [
             lambda: L.r1_loss(
-                nets.D_ddp, real_img, real_c, r1_gamma=t.r1_gamma, gain=phase.interval,
+                nets.D_reg_ddp or nets.D_ddp, real_img, real_c, r1_gamma=t.r1_gamma, gain=phase.interval,
                 scale=_scale_fn(ctx),
             )
         ]

@@ -10,7 +10,7 @@ from itertools import islice
 import pytest
 import torch
 
-from sg2dist.data import StreamState, build_loader, check_resolution, open_manifest
+from sg2dist.data import StreamState, build_loader, check_resolution, open_manifest, stream
 from sg2dist.data.shards import tar_members
 from sg2dist.errors import UserError
 
@@ -67,6 +67,14 @@ def test_workers_zero_runs_in_process_and_equals_one_worker(stream_dataset):
     in_process = list(islice(_loader(stream_dataset, workers=0), 8))
     one_worker = list(islice(_loader(stream_dataset, workers=1), 8))
     assert _same_batches(in_process, one_worker)
+
+
+def test_batches_sent_through_shared_memory_equal_in_process_ones(stream_dataset, monkeypatch):
+    monkeypatch.setattr(stream, "SHARED_MEMORY_MIN_BYTES", 0)  # forked workers inherit it
+    shared = list(islice(_loader(stream_dataset, workers=1), 4))
+    in_process = list(islice(_loader(stream_dataset, workers=0), 4))
+    assert _same_batches(shared, in_process)
+    assert shared[0].img_NCHW.is_shared() and not in_process[0].img_NCHW.is_shared()
 
 
 def test_batches_are_uint8_images_with_one_hot_labels_and_flips_follow_the_seed(stream_dataset):
