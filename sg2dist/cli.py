@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"sg2dist: error: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(
+            f"sg2dist: error: unknown command '{name}'; choose one of: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     module_name, help_ = COMMANDS[name]
     module = importlib.import_module(module_name)

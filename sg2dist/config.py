@@ -59,7 +59,9 @@ class ModelConfig:
     channel_max: int = 512
     mbstd_group: int = 4
     mbstd_features: int = 1
-    conv_clamp: float | None = None  # clamp activations to +-conv_clamp (the official fp16 scheme uses 256)
+    conv_clamp: float | None = (
+        None  # clamp activations to +-conv_clamp (the official fp16 scheme uses 256)
+    )
     num_fp16_res: int = 0  # run the N highest resolutions in fp16 (official scheme); 0 = off
     fused_modconv: bool = False  # grouped-conv form of modulated conv (fast for inference)
 
@@ -70,7 +72,9 @@ class ModelConfig:
                 "set it to e.g. 32, 256 or 1024"
             )
         if self.img_channels not in (1, 3):
-            raise ConfigError(f"model.img_channels={self.img_channels}; use 1 (grayscale) or 3 (RGB)")
+            raise ConfigError(
+                f"model.img_channels={self.img_channels}; use 1 (grayscale) or 3 (RGB)"
+            )
         for key in ("z_dim", "w_dim", "map_layers", "channel_base", "channel_max", "mbstd_group"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1")
@@ -121,7 +125,9 @@ class TrainConfig:
                 f"train.precision='{self.precision}'; use one of auto, no, bf16, fp16"
             )
         if self.batch < 1 or self.batch_gpu < 1:
-            raise ConfigError(f"train.batch={self.batch} and train.batch_gpu={self.batch_gpu} must be >= 1")
+            raise ConfigError(
+                f"train.batch={self.batch} and train.batch_gpu={self.batch_gpu} must be >= 1"
+            )
         if self.kimg <= 0:
             raise ConfigError(f"train.kimg={self.kimg} must be > 0")
         if len(self.betas) != 2:
@@ -140,7 +146,8 @@ class TrainConfig:
         if self.batch % per_round != 0:
             raise ConfigError(
                 f"train.batch={self.batch} is not divisible by train.batch_gpu={self.batch_gpu} x "
-                f"world size {world_size} = {per_round}; set train.batch to a multiple of {per_round} "
+                f"world size {world_size} = {per_round}; "
+                f"set train.batch to a multiple of {per_round} "
                 "or change train.batch_gpu"
             )
         return self.batch_gpu, self.batch // per_round
@@ -157,7 +164,9 @@ class RunConfig:
 
     def validate(self) -> None:
         if not self.dir:
-            raise ConfigError("run.dir is empty; set it to a local folder or s3://bucket/prefix/name")
+            raise ConfigError(
+                "run.dir is empty; set it to a local folder or s3://bucket/prefix/name"
+            )
         if self.tick_kimg <= 0 or self.snapshot_kimg <= 0:
             raise ConfigError("run.tick_kimg and run.snapshot_kimg must be > 0")
         if self.keep_last < 1:
@@ -294,7 +303,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pass --config with an existing YAML file")
+            raise ConfigError(
+                f"config file {path} not found; pass --config with an existing YAML file"
+            )
         try:
             tree = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -138,6 +138,7 @@ def s3_client() -> Any:
 
 @functools.lru_cache(maxsize=4)
 def _client_for(pid: int, settings: tuple[str | None, ...]) -> Any:
+    """A new client; the arguments only key the cache (boto3 reads the environment)."""
     # boto3 >= 1.36 sends CRC checksums by default, which S3-compatible stores
     # (SeaweedFS, older MinIO) reject; "when_required" keeps them off. Path-style
     # addressing works with any endpoint (no wildcard DNS needed).

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sg2dist.config import ConfigError, Config, config_from_dict, load_config
+from sg2dist.config import Config, ConfigError, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,8 +15,14 @@ def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.C
     import os
 
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "sg2dist", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sg2dist", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_overrides_take_precedence_over_yaml_and_keep_types(tmp_path):
@@ -64,12 +70,17 @@ def test_batch_layout_derives_accumulation_and_rejects_indivisible_batches():
     [
         (["--set", "train.bach=8"], {}, "unknown config key 'train.bach'"),
         (["--set", "train.batch=many"], {}, "config key 'train.batch' must be int"),
-        (["--set", "train.batch=30", "--set", "train.batch_gpu=4"], {"WORLD_SIZE": "2"},
-         "train.batch=30 is not divisible"),
+        (
+            ["--set", "train.batch=30", "--set", "train.batch_gpu=4"],
+            {"WORLD_SIZE": "2"},
+            "train.batch=30 is not divisible",
+        ),
     ],
 )
 def test_train_cli_reports_config_errors_as_one_line_and_exit_2(args, env, expected):
-    result = run_cli("train", "--config", "configs/quickstart.yaml", "--dry-run", *args, env_extra=env)
+    result = run_cli(
+        "train", "--config", "configs/quickstart.yaml", "--dry-run", *args, env_extra=env
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -77,9 +88,17 @@ def test_train_cli_reports_config_errors_as_one_line_and_exit_2(args, env, expec
 
 
 def test_dry_run_prints_resolved_config_and_batch_layout():
-    result = run_cli("train", "--config", "configs/quickstart.yaml", "--dry-run",
-                     "--set", "train.batch=64", "--set", "train.batch_gpu=8",
-                     env_extra={"WORLD_SIZE": "4"})
+    result = run_cli(
+        "train",
+        "--config",
+        "configs/quickstart.yaml",
+        "--dry-run",
+        "--set",
+        "train.batch=64",
+        "--set",
+        "train.batch_gpu=8",
+        env_extra={"WORLD_SIZE": "4"},
+    )
     assert result.returncode == 0, result.stderr
     assert "batch: 64" in result.stdout
     assert "global 64 = batch_gpu 8 x accumulation 2 x world size 4" in result.stdout

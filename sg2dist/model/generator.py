@@ -371,6 +371,9 @@ class Generator(nn.Module):
         ws = self.mapping(z, c, truncation_psi, truncation_cutoff, update_emas)
         if style_mixing_prob > 0:
             ws = self.mix_styles(ws, z, c, style_mixing_prob, truncation_psi, truncation_cutoff)
+        # fp32 ws: wrappers that cast outputs to fp32 (accelerate under autocast) then return
+        # this very tensor, so path-length gradients w.r.t. the returned ws reach the graph.
+        ws = ws.float()
         img = self.synthesis(ws, noise_mode, fused_modconv)
         return (img, ws) if return_ws else img
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sg2dist.model.convolution import conv2d, conv_transpose2d
+
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
 ACTIVATION_GAINS = {"linear": 1.0, "lrelu": LRELU_GAIN}
@@ -176,11 +178,11 @@ class Conv2dLayer(nn.Module):
         w = channels_last((self.weight * (self.weight_gain * act_gain)).to(x.dtype))
         b = (self.bias * act_gain).to(x.dtype) if self.bias is not None else None
         if self.down and self.kernel_size == 1:
-            x = F.conv2d(downsample2d(x, self.fir), w, b)
+            x = conv2d(downsample2d(x, self.fir), w, b)
         elif self.down:
-            x = F.conv2d(blur2d(x, self.fir, pad=2), w, b, stride=2)
+            x = conv2d(blur2d(x, self.fir, pad=2), w, b, stride=2)
         else:
-            x = F.conv2d(x, w, b, padding=self.kernel_size // 2)
+            x = conv2d(x, w, b, padding=self.kernel_size // 2)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         if self.activation == "lrelu":
             return lrelu_clamp_(x, clamp)
@@ -278,7 +280,7 @@ def _conv_maybe_up(x: torch.Tensor, weight_OIkk: torch.Tensor, up: bool, groups:
     """Plain 'same' convolution, or (up) a stride-2 transposed conv whose output [2H+1] the
     FIR blur (pad 1) later brings to 2H."""
     if not up:
-        return F.conv2d(
+        return conv2d(
             x, channels_last(weight_OIkk), padding=weight_OIkk.shape[-1] // 2, groups=groups
         )
     out_per_group = weight_OIkk.shape[0] // groups
@@ -289,7 +291,7 @@ def _conv_maybe_up(x: torch.Tensor, weight_OIkk: torch.Tensor, up: bool, groups:
         .transpose(1, 2)
         .reshape(groups * in_per_group, out_per_group, k, k)
     )
-    return F.conv_transpose2d(x, channels_last(weight_IOkk), stride=2, groups=groups)
+    return conv_transpose2d(x, channels_last(weight_IOkk), stride=2, groups=groups)
 
 
 def _per_sample_matmul(x_NIHW: torch.Tensor, w_NOI: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,19 @@ def add_step_arguments(parser) -> None:
 
 def _bench_config(args):
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision]
-    return load_config(None, [
-        f"model.resolution={args.resolution}", f"model.img_channels={args.channels}",
-        f"model.channel_base={args.channel_base}", f"model.channel_max={args.channel_max}",
-        f"model.map_layers={args.map_layers}",
-        f"train.batch={args.batch}", f"train.batch_gpu={args.batch}", f"train.precision={precision}",
-    ])
+    return load_config(
+        None,
+        [
+            f"model.resolution={args.resolution}",
+            f"model.img_channels={args.channels}",
+            f"model.channel_base={args.channel_base}",
+            f"model.channel_max={args.channel_max}",
+            f"model.map_layers={args.map_layers}",
+            f"train.batch={args.batch}",
+            f"train.batch_gpu={args.batch}",
+            f"train.precision={precision}",
+        ],
+    )
 
 
 def run_step_bench(args) -> dict[str, float]:
@@ -57,13 +64,24 @@ def run_step_bench(args) -> dict[str, float]:
         nets.G_ddp, nets.D_ddp = torch.compile(nets.G_ddp), torch.compile(nets.D_ddp)
     ctx = build_step_context(cfg, acc)
     shape = (args.batch, args.channels, args.resolution, args.resolution)
-    reals = [(torch.rand(shape, device=acc.device) * 2 - 1, torch.zeros(args.batch, 0, device=acc.device))]
+    reals = [
+        (
+            torch.rand(shape, device=acc.device) * 2 - 1,
+            torch.zeros(args.batch, 0, device=acc.device),
+        )
+    ]
 
     def cycle(first_step: int) -> None:
         for step in range(first_step, first_step + 16):
             train_step(ctx, nets, step, reals)
-            update_ema(nets.G_ema, nets.G_net, cur_nimg=(step + 1) * args.batch, batch=args.batch,
-                       ema_kimg=10, ema_rampup=None)
+            update_ema(
+                nets.G_ema,
+                nets.G_net,
+                cur_nimg=(step + 1) * args.batch,
+                batch=args.batch,
+                ema_kimg=10,
+                ema_rampup=None,
+            )
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -86,10 +104,12 @@ def run_step_bench(args) -> dict[str, float]:
 
 def main_step(args) -> int:
     result = run_step_bench(args)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
+    device = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
+    )
     print(
         f"bench step: {args.resolution}px batch {args.batch} base {args.channel_base} "
-        f"max {args.channel_max} {args.precision}{' compiled' if args.compile else ''} on {device}: "
-        + "  ".join(f"{k} {v:.3f}" for k, v in result.items())
+        f"max {args.channel_max} {args.precision}{' compiled' if args.compile else ''} "
+        f"on {device}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items())
     )
     return 0

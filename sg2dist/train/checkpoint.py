@@ -49,7 +49,9 @@ def folder_name(cur_nimg: int) -> str:
     return f"{FOLDER_PREFIX}{cur_nimg:012d}"
 
 
-def save_checkpoint(run_dir: str, cur_nimg: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
+def save_checkpoint(
+    run_dir: str, cur_nimg: int, state: dict[str, Any], meta: dict[str, Any]
+) -> str:
     """Write state.pt, then meta.json, then the `latest` pointer. Main process only."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -140,7 +142,9 @@ def load_checkpoint(url: str) -> Checkpoint:
     return checkpoint
 
 
-def prune_checkpoints(run_dir: str, *, keep_last: int, keep_every: int, snapshot_nimg: int) -> list[str]:
+def prune_checkpoints(
+    run_dir: str, *, keep_last: int, keep_every: int, snapshot_nimg: int
+) -> list[str]:
     """Delete all but the last `keep_last` folders and every `keep_every`-th snapshot.
 
     "Every M-th" is decided from the folder's image count (nimg is a multiple of

@@ -8,10 +8,10 @@ each does one thing. Rank-0-only side effects (files, MLflow, printing) go throu
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
 import datetime
 import io
+import os
 import resource
 import signal
 import sys
@@ -96,7 +96,9 @@ def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> None:
         check_nonfinite(session)
         done = session.progress.cur_nimg >= total_nimg
         stop = sync_stop_flag(session)
-        tick_due = session.progress.cur_nimg >= session.progress.tick_start_nimg + cfg.run.tick_kimg * 1000
+        tick_due = (
+            session.progress.cur_nimg >= session.progress.tick_start_nimg + cfg.run.tick_kimg * 1000
+        )
         if tick_due or done or stop:
             report_tick(session, time.time() - tick_start_time)
             tick_start_time = time.time()
@@ -109,7 +111,11 @@ def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> None:
         session.on_main(log_final_generator, session)
     session.on_main(session.tracker.end, "FINISHED" if done else "KILLED")
     session.accelerator.wait_for_everyone()
-    session.on_main(print, f"{'done' if done else 'stopped'} at kimg {session.progress.cur_nimg / 1000:g}", flush=True)
+    session.on_main(
+        print,
+        f"{'done' if done else 'stopped'} at kimg {session.progress.cur_nimg / 1000:g}",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------- building
@@ -140,7 +146,9 @@ def resolve_dataset(cfg: Config, accelerator: Accelerator):
     check_resolution(manifest, cfg.model.resolution, cfg.model.img_channels)
     if cfg.data.use_labels:
         if manifest.c_dim == 0:
-            raise UserError(f"data.use_labels=true but {cfg.data.url} has no labels; set it to false")
+            raise UserError(
+                f"data.use_labels=true but {cfg.data.url} has no labels; set it to false"
+            )
         cfg.model.c_dim = manifest.c_dim
     return manifest
 
@@ -164,15 +172,23 @@ def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
     D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=t.eps, fused=True)
     G_ddp, D_ddp, G_opt, D_opt = accelerator.prepare(G, D, G_opt, D_opt)
     return Nets(
-        G_ddp=G_ddp, D_ddp=D_ddp,
-        G_net=accelerator.unwrap_model(G_ddp), D_net=accelerator.unwrap_model(D_ddp),
-        G_ema=G_ema, G_opt=G_opt, D_opt=D_opt,
+        G_ddp=G_ddp,
+        D_ddp=D_ddp,
+        G_net=accelerator.unwrap_model(G_ddp),
+        D_net=accelerator.unwrap_model(D_ddp),
+        G_ema=G_ema,
+        G_opt=G_opt,
+        D_opt=D_opt,
     )
 
 
 def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
     def reduce_mean(x: torch.Tensor) -> torch.Tensor:
-        return accelerator.reduce(x.detach().float(), reduction="mean") if accelerator.num_processes > 1 else x
+        return (
+            accelerator.reduce(x.detach().float(), reduction="mean")
+            if accelerator.num_processes > 1
+            else x
+        )
 
     return StepContext(
         train=cfg.train,
@@ -201,16 +217,30 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
     elif init_from:
         load_weights_only(init_from, nets)
     session_data = build_loader(
-        cfg.data.url, batch_gpu=batch_gpu, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, seed=cfg.train.seed, workers=cfg.data.workers,
-        mirror=cfg.data.mirror, shuffle_buffer=cfg.data.shuffle_buffer,
-        use_labels=cfg.data.use_labels, state=data_state,
+        cfg.data.url,
+        batch_gpu=batch_gpu,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=cfg.train.seed,
+        workers=cfg.data.workers,
+        mirror=cfg.data.mirror,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        use_labels=cfg.data.use_labels,
+        state=data_state,
     )
     tracker = start_tracker(cfg, accelerator, run_id, manifest)
     session = Session(
-        cfg=cfg, accelerator=accelerator, nets=nets, ctx=ctx, progress=progress,
-        batch_gpu=batch_gpu, accum=accum, data=iter(session_data), stream_state=session_data.state,
-        manifest=manifest, tracker=tracker,
+        cfg=cfg,
+        accelerator=accelerator,
+        nets=nets,
+        ctx=ctx,
+        progress=progress,
+        batch_gpu=batch_gpu,
+        accum=accum,
+        data=iter(session_data),
+        stream_state=session_data.state,
+        manifest=manifest,
+        tracker=tracker,
     )
     session.on_main(storage.write_text, storage.join(cfg.run.dir, "config.yaml"), dump_config(cfg))
     return session
@@ -220,7 +250,22 @@ def snapshot_nimg(cfg: Config) -> int:
     return max(int(cfg.run.snapshot_kimg * 1000), 1)
 
 
+class NoTracking:
+    """Stands in for the Tracker when tracking is off or on other ranks: every call is a no-op.
+
+    Keeps MLflow (imported only by sg2dist.tracking) optional for runs that do not track.
+    """
+
+    def __init__(self, run_id: str | None = None):
+        self.run_id = run_id  # kept, so a checkpoint written without tracking keeps its run id
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def start_tracker(cfg: Config, accelerator: Accelerator, run_id: str | None, manifest):
+    if not (cfg.tracking.enabled and accelerator.is_main_process):
+        return NoTracking(run_id)
     from sg2dist.tracking import Tracker
 
     tags = {
@@ -247,8 +292,14 @@ def find_resume_checkpoint(cfg: Config, resume: str):
     return ckpt.load_checkpoint(resume)
 
 
-def restore(checkpoint, cfg: Config, accelerator: Accelerator, nets: Nets, ctx: StepContext,
-            progress: Progress):
+def restore(
+    checkpoint,
+    cfg: Config,
+    accelerator: Accelerator,
+    nets: Nets,
+    ctx: StepContext,
+    progress: Progress,
+):
     """Load every piece of state; returns (this rank's data stream state, MLflow run id)."""
     meta, state = checkpoint.meta, checkpoint.state
     saved_model = meta["config"]["model"]
@@ -289,7 +340,8 @@ def load_weights_only(url: str, nets: Nets) -> None:
         nets.G_ema.load_state_dict(checkpoint.state["G_ema"])
     except RuntimeError as exc:
         raise UserError(
-            f"--init-from {url}: its networks do not match model.* of this config ({str(exc)[:120]}...); "
+            f"--init-from {url}: its networks do not match model.* of this config "
+            f"({str(exc)[:120]}...); "
             "use the same model settings as that run"
         ) from None
 
@@ -302,23 +354,31 @@ def save(session: Session) -> str | None:
     folder = None
     if session.is_main:
         state = {
-            "G": nets.G_net.state_dict(), "D": nets.D_net.state_dict(),
+            "G": nets.G_net.state_dict(),
+            "D": nets.D_net.state_dict(),
             "G_ema": nets.G_ema.state_dict(),
-            "G_opt": nets.G_opt.state_dict(), "D_opt": nets.D_opt.state_dict(),
+            "G_opt": nets.G_opt.state_dict(),
+            "D_opt": nets.D_opt.state_dict(),
             "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else {},
             "rng_cpu": rng_cpu,
         }
         meta = {
-            "format": 1, "sg2dist_version": __version__,
+            "format": 1,
+            "sg2dist_version": __version__,
             "progress": dataclasses.asdict(session.progress),
-            "pl_mean": ctx.pl_mean, "skipped_steps": ctx.skipped_steps,
-            "world_size": acc.num_processes, "data_states": data_states,
-            "mlflow_run_id": session.tracker.run_id, "config": session.cfg.to_dict(),
+            "pl_mean": ctx.pl_mean,
+            "skipped_steps": ctx.skipped_steps,
+            "world_size": acc.num_processes,
+            "data_states": data_states,
+            "mlflow_run_id": session.tracker.run_id,
+            "config": session.cfg.to_dict(),
         }
         folder = ckpt.save_checkpoint(session.cfg.run.dir, session.progress.cur_nimg, state, meta)
         ckpt.prune_checkpoints(
-            session.cfg.run.dir, keep_last=session.cfg.run.keep_last,
-            keep_every=session.cfg.run.keep_every, snapshot_nimg=snapshot_nimg(session.cfg),
+            session.cfg.run.dir,
+            keep_last=session.cfg.run.keep_last,
+            keep_every=session.cfg.run.keep_every,
+            snapshot_nimg=snapshot_nimg(session.cfg),
         )
     acc.wait_for_everyone()
     return folder
@@ -345,8 +405,14 @@ def advance_counters(session: Session) -> None:
     p, t = session.progress, session.cfg.train
     p.cur_nimg += t.batch
     p.step += 1
-    update_ema(session.nets.G_ema, session.nets.G_net, cur_nimg=p.cur_nimg, batch=t.batch,
-               ema_kimg=t.ema_kimg, ema_rampup=t.ema_rampup)
+    update_ema(
+        session.nets.G_ema,
+        session.nets.G_net,
+        cur_nimg=p.cur_nimg,
+        batch=t.batch,
+        ema_kimg=t.ema_kimg,
+        ema_rampup=t.ema_rampup,
+    )
 
 
 def check_nonfinite(session: Session) -> None:
@@ -366,7 +432,9 @@ def install_stop_handlers(session: Session) -> None:
 
     def request_stop(signum, _frame):
         session.stop_requested = True
-        session.on_main(print, f"received signal {signum}: checkpointing after this step", flush=True)
+        session.on_main(
+            print, f"received signal {signum}: checkpointing after this step", flush=True
+        )
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -396,9 +464,12 @@ def report_tick(session: Session, tick_seconds: float) -> None:
     tick_nimg = max(p.cur_nimg - p.tick_start_nimg, 1)
     metrics = collect_stats(session.ctx)
     metrics.update(
-        kimg=p.cur_nimg / 1000, tick=p.cur_tick,
-        sec_per_kimg=tick_seconds / (tick_nimg / 1000), img_per_s=tick_nimg / max(tick_seconds, 1e-9),
-        pl_mean=session.ctx.pl_mean, skipped_steps=session.ctx.skipped_steps,
+        kimg=p.cur_nimg / 1000,
+        tick=p.cur_tick,
+        sec_per_kimg=tick_seconds / (tick_nimg / 1000),
+        img_per_s=tick_nimg / max(tick_seconds, 1e-9),
+        pl_mean=session.ctx.pl_mean,
+        skipped_steps=session.ctx.skipped_steps,
         data_wait_frac=session.timers["data_wait"] / max(tick_seconds, 1e-9),
         corrupt_samples=session.stream_state.corrupt_samples,
         **peak_memory_gb(session.accelerator.device),
@@ -446,10 +517,17 @@ def maybe_compute_metrics(session: Session) -> None:
     # Every rank generates its share; rank 0 gathers, scores and broadcasts the result.
     acc = session.accelerator
     scores = compute_metrics(
-        session.nets.G_ema, session.cfg.data.url, m.metrics, device=acc.device,
-        inception_weights=m.inception_weights, rank=acc.process_index, world_size=acc.num_processes,
+        session.nets.G_ema,
+        session.cfg.data.url,
+        m.metrics,
+        device=acc.device,
+        inception_weights=m.inception_weights,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
     )
-    session.on_main(print, "metrics " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
+    session.on_main(
+        print, "metrics " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True
+    )
     session.on_main(session.tracker.log_metrics, scores, step=session.progress.cur_nimg)
 
 
@@ -464,7 +542,11 @@ def render_grid(G, grid: str, device) -> np.ndarray:
         c[torch.arange(n), torch.arange(n) % G.c_dim] = 1
     images = []
     for start in range(0, n, 16):
-        img = G(z[start:start + 16].float().to(device), c[start:start + 16].to(device), noise_mode="const")
+        img = G(
+            z[start : start + 16].float().to(device),
+            c[start : start + 16].to(device),
+            noise_mode="const",
+        )
         images.append((img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu())
     img = torch.cat(images)  # [n, C, H, W]
     _, C, H, W = img.shape
@@ -491,10 +573,11 @@ def save_grid(session: Session) -> None:
 
 def print_start(session: Session, total_nimg: int) -> None:
     acc = session.accelerator
+    cfg = session.cfg
     print(
         f"sg2dist {__version__}: {acc.num_processes} process(es) on {acc.device}, "
-        f"precision {acc.mixed_precision}, batch {session.cfg.train.batch} = {session.batch_gpu} per "
-        f"process x {session.accum} accumulation x {acc.num_processes}; data {session.cfg.data.url} "
+        f"precision {acc.mixed_precision}, batch {cfg.train.batch} = {session.batch_gpu} per "
+        f"process x {session.accum} accumulation x {acc.num_processes}; data {cfg.data.url} "
         f"({session.manifest.num_images} images); run {session.cfg.run.dir}; "
         f"kimg {session.progress.cur_nimg / 1000:g} -> {total_nimg / 1000:g}",
         flush=True,
@@ -502,8 +585,22 @@ def print_start(session: Session, total_nimg: int) -> None:
 
 
 def print_tick(metrics: dict[str, float], bar) -> None:
-    order = ["tick", "kimg", "sec_per_kimg", "img_per_s", "loss_G", "loss_D_real", "loss_D_fake",
-             "loss_r1", "loss_pl", "pl_mean", "D_real", "D_fake", "skipped_steps", "data_wait_frac"]
+    order = [
+        "tick",
+        "kimg",
+        "sec_per_kimg",
+        "img_per_s",
+        "loss_G",
+        "loss_D_real",
+        "loss_D_fake",
+        "loss_r1",
+        "loss_pl",
+        "pl_mean",
+        "D_real",
+        "D_fake",
+        "skipped_steps",
+        "data_wait_frac",
+    ]
     parts = [f"{k} {metrics[k]:.4g}" for k in order if k in metrics]
     parts += [f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("peak_")]
     line = "  ".join(parts)
@@ -514,7 +611,10 @@ def print_tick(metrics: dict[str, float], bar) -> None:
 def make_progress_bar(session: Session, total_nimg: int):
     """A kimg progress bar on the main process when stderr is a terminal; disabled otherwise."""
     return tqdm(
-        total=round(total_nimg / 1000, 3), initial=round(session.progress.cur_nimg / 1000, 3),
-        unit="kimg", dynamic_ncols=True, disable=not (session.is_main and sys.stderr.isatty()),
+        total=round(total_nimg / 1000, 3),
+        initial=round(session.progress.cur_nimg / 1000, 3),
+        unit="kimg",
+        dynamic_ncols=True,
+        disable=not (session.is_main and sys.stderr.isatty()),
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}]",
     )

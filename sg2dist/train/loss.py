@@ -45,7 +45,7 @@ def g_main_loss(G_ddp, D_net, gen_z, gen_c, style_mixing_prob: float):
 def d_fake_loss(G_net, D_ddp, gen_z, gen_c, style_mixing_prob: float):
     """D's logistic loss on fakes, softplus(D(G(z))); no gradient flows into G."""
     with torch.no_grad():
-        # update_emas: the mapping network tracks w_avg on the fakes D sees, as in the official code.
+        # update_emas: the mapping net tracks w_avg on the fakes D sees, as in the official code.
         gen_img = G_net(gen_z, gen_c, style_mixing_prob=style_mixing_prob, update_emas=True)
     gen_logits = D_ddp(gen_img, gen_c)
     loss = F.softplus(gen_logits).mean()

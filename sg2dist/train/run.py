@@ -10,15 +10,27 @@ from sg2dist.config import dump_config, load_config
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (defaults: the paper's config F)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set train.batch=64 (repeatable)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and batch layout, then exit")
-    parser.add_argument("--resume", default="auto",
-                        help="auto (continue from run.dir's latest checkpoint if any), none, "
-                             "or a checkpoint URL")
-    parser.add_argument("--init-from", default="",
-                        help="checkpoint URL whose weights start a new run (fine-tuning)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.batch=64 (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and batch layout, then exit",
+    )
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (continue from run.dir's latest checkpoint if any), none, or a checkpoint URL",
+    )
+    parser.add_argument(
+        "--init-from", default="", help="checkpoint URL whose weights start a new run (fine-tuning)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -28,8 +40,10 @@ def main(args: argparse.Namespace) -> int:
     batch_gpu, accum = cfg.train.batch_layout(world_size)
     if args.dry_run:
         print(dump_config(cfg), end="")
-        print(f"# batch layout: global {cfg.train.batch} = batch_gpu {batch_gpu} x accumulation "
-              f"{accum} x world size {world_size}")
+        print(
+            f"# batch layout: global {cfg.train.batch} = batch_gpu {batch_gpu} x accumulation "
+            f"{accum} x world size {world_size}"
+        )
         return 0
     from sg2dist.train.loop import train
 

@@ -118,7 +118,11 @@ def _phase_passes(ctx: StepContext, nets: Nets, phase: Phase, real_img, real_c, 
     if phase.name == "Dreg":
         return [
             lambda: L.r1_loss(
-                nets.D_reg_ddp or nets.D_ddp, real_img, real_c, r1_gamma=t.r1_gamma, gain=phase.interval,
+                nets.D_reg_ddp or nets.D_ddp,
+                real_img,
+                real_c,
+                r1_gamma=t.r1_gamma,
+                gain=phase.interval,
                 scale=_scale_fn(ctx),
             )
         ]
@@ -133,7 +137,9 @@ def _grads_finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
 
 
-def _run_phase(ctx: StepContext, nets: Nets, phase: Phase, step: int, phase_idx: int, micro_batches):
+def _run_phase(
+    ctx: StepContext, nets: Nets, phase: Phase, step: int, phase_idx: int, micro_batches
+):
     is_G = phase.net == "G"
     ddp, opt = (nets.G_ddp, nets.G_opt) if is_G else (nets.D_ddp, nets.D_opt)
     # Only the trained network builds parameter gradients; the other is a fixed function.
@@ -206,8 +212,15 @@ def collect_stats(ctx: StepContext) -> dict[str, float]:
 
 
 @torch.no_grad()
-def update_ema(G_ema: torch.nn.Module, G_net: torch.nn.Module, *, cur_nimg: int, batch: int,
-               ema_kimg: float, ema_rampup: float | None) -> None:
+def update_ema(
+    G_ema: torch.nn.Module,
+    G_net: torch.nn.Module,
+    *,
+    cur_nimg: int,
+    batch: int,
+    ema_kimg: float,
+    ema_rampup: float | None,
+) -> None:
     """G_ema <- lerp(G, G_ema, beta) with a half-life of ema_kimg; buffers copied."""
     ema_nimg = ema_kimg * 1000
     if ema_rampup is not None:

@@ -65,8 +65,14 @@ def test_r1_double_backward_matches_finite_differences(small_nets):
     _, D = small_nets(resolution=8, channel_base=32, channel_max=4, mbstd_group=2)
     D = D.double()
     img, c = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.float64)
-    names = ["fromrgb.weight", "blocks.b8.conv0.weight", "blocks.b8.conv1.weight",
-             "blocks.b8.skip.weight", "epilogue.conv.weight", "epilogue.fc.weight"]
+    names = [
+        "fromrgb.weight",
+        "blocks.b8.conv0.weight",
+        "blocks.b8.conv1.weight",
+        "blocks.b8.skip.weight",
+        "epilogue.conv.weight",
+        "epilogue.fc.weight",
+    ]
     params = dict(D.named_parameters())
 
     def penalty(*values):
@@ -82,8 +88,14 @@ def test_path_length_double_backward_matches_finite_differences(small_nets):
     G = G.double()
     ws = torch.randn(2, G.num_ws, 4, dtype=torch.float64)
     y = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    names = ["blocks.b4.const", "blocks.b8.conv0.weight", "blocks.b8.conv0.affine.weight",
-             "blocks.b8.conv1.weight", "blocks.b8.torgb.weight", "blocks.b8.conv1.noise_strength"]
+    names = [
+        "blocks.b4.const",
+        "blocks.b8.conv0.weight",
+        "blocks.b8.conv0.affine.weight",
+        "blocks.b8.conv1.weight",
+        "blocks.b8.torgb.weight",
+        "blocks.b8.conv1.noise_strength",
+    ]
     params = dict(G.synthesis.named_parameters())
 
     def penalty(*values):

@@ -91,8 +91,14 @@ def test_grouped_and_per_sample_modulated_conv_agree(kernel, up, demodulate):
     styles = torch.randn(5, 48) / math.sqrt(48 * kernel * kernel)
     noise = torch.randn(5, 1, 16 if up else 8, 16 if up else 8)
     bias = torch.randn(40)
-    kwargs = dict(demodulate=demodulate, up=up, fir=fir_filter(), noise=noise, bias_O=bias,
-                  out_gain=math.sqrt(2))
+    kwargs = dict(
+        demodulate=demodulate,
+        up=up,
+        fir=fir_filter(),
+        noise=noise,
+        bias_O=bias,
+        out_gain=math.sqrt(2),
+    )
     grouped = modulated_conv2d(x, weight, styles, fused=True, **kwargs)
     per_sample = modulated_conv2d(x, weight, styles, fused=False, **kwargs)
     assert grouped.shape == (5, 40, 16 if up else 8, 16 if up else 8)
@@ -115,7 +121,7 @@ def test_modulated_conv_equals_convolving_with_explicit_per_sample_weights():
 
 
 def filter_same(x: torch.Tensor, f_kk: torch.Tensor) -> torch.Tensor:
-    """Reference 'valid' filtering by summing shifted slices: out[y, x] = sum f[i, j] x[y+i, x+j]."""
+    """Reference valid filtering from shifted slices: out[y, x] = sum f[i, j] x[y+i, x+j]."""
     k = f_kk.shape[0]
     H, W = x.shape[2] - k + 1, x.shape[3] - k + 1
     return sum(f_kk[i, j] * x[:, :, i : i + H, j : j + W] for i in range(k) for j in range(k))
@@ -147,8 +153,12 @@ def test_downsample_matches_padding_1_filter_and_dropping_every_second_pixel():
 
 def test_resampling_keeps_a_constant_image_constant_away_from_the_border():
     x = torch.full((1, 2, 8, 8), 3.0)
-    torch.testing.assert_close(upsample2d(x, fir_filter())[:, :, 2:-2, 2:-2], torch.full((1, 2, 12, 12), 3.0))
-    torch.testing.assert_close(downsample2d(x, fir_filter())[:, :, 1:-1, 1:-1], torch.full((1, 2, 2, 2), 3.0))
+    torch.testing.assert_close(
+        upsample2d(x, fir_filter())[:, :, 2:-2, 2:-2], torch.full((1, 2, 12, 12), 3.0)
+    )
+    torch.testing.assert_close(
+        downsample2d(x, fir_filter())[:, :, 1:-1, 1:-1], torch.full((1, 2, 2, 2), 3.0)
+    )
 
 
 def test_upsampling_conv_equals_zero_insertion_fir_then_3x3_convolution():

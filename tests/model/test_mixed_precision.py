@@ -1,4 +1,4 @@
-"""The official mixed-precision scheme: fp16 in the top resolutions on CUDA, fp32 on CPU, clamping."""
+"""Official mixed precision: fp16 in the top resolutions on CUDA, fp32 on CPU, clamping."""
 
 import pytest
 import torch

@@ -18,8 +18,15 @@ def latents(G, n: int, seed: int = 0):
 )
 def test_output_shapes_and_finite_values_at_every_resolution(small_nets, resolution, img_channels):
     # channel_base 2048 keeps 2 channels at 1024 px; everything stays small and fast.
-    G, D = small_nets(resolution=resolution, img_channels=img_channels, channel_base=2048,
-                      channel_max=16, z_dim=16, w_dim=16, mbstd_group=2)
+    G, D = small_nets(
+        resolution=resolution,
+        img_channels=img_channels,
+        channel_base=2048,
+        channel_max=16,
+        z_dim=16,
+        w_dim=16,
+        mbstd_group=2,
+    )
     z, c = latents(G, 2)
     with torch.no_grad():
         img, ws = G(z, c, return_ws=True)
@@ -153,7 +160,7 @@ def test_minibatch_std_groups_samples_by_index_modulo_batch_over_group_size():
     assert torch.equal(out[:, :6], x)
 
 
-def test_minibatch_std_uses_the_whole_batch_when_smaller_than_the_group_and_rejects_ragged_batches():
+def test_minibatch_std_takes_the_whole_batch_when_smaller_than_the_group_and_rejects_ragged():
     mbstd = MinibatchStd(group_size=4)
     assert mbstd(torch.randn(2, 3, 4, 4)).shape == (2, 4, 4, 4)
     with pytest.raises(ValueError, match="multiple of model.mbstd_group"):

@@ -15,7 +15,9 @@ def run_summary(capsys, *args: str) -> tuple[int, str, str]:
 
 def totals(text: str) -> dict[str, str]:
     section = text.split("Trainable parameters", 1)[1]
-    return {line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in section.strip().splitlines()}
+    return {
+        line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in section.strip().splitlines()
+    }
 
 
 def test_summary_of_the_1024_preset_prints_the_config_f_totals(capsys):
@@ -41,8 +43,9 @@ def test_summary_of_the_256_preset_and_an_override_print_the_official_totals(cap
 
 
 def test_summary_names_a_channel_base_too_small_for_the_resolution_in_one_line(capsys):
-    rc, out, err = run_summary(capsys, "--set", "model.resolution=256", "--set",
-                               "model.channel_base=128")
+    rc, out, err = run_summary(
+        capsys, "--set", "model.resolution=256", "--set", "model.channel_base=128"
+    )
     assert rc == 2
     assert out == ""
     assert err.count("\n") == 1

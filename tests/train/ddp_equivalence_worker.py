@@ -17,13 +17,26 @@ from sg2dist.train.step import train_step, update_ema
 def main() -> None:
     out, batch, batch_gpu, steps = sys.argv[1], *map(int, sys.argv[2:5])
     precision = sys.argv[5] if len(sys.argv) > 5 else "no"
-    cfg = load_config(None, [
-        "model.resolution=16", "model.img_channels=3", "model.z_dim=32", "model.w_dim=32",
-        "model.map_layers=2", "model.channel_base=256", "model.channel_max=32",
-        f"train.batch={batch}", f"train.batch_gpu={batch_gpu}", f"train.precision={precision}",
-        "train.pl_interval=2", "train.r1_interval=2", "train.r1_gamma=1.0",
-        "train.pl_batch_shrink=2", "train.style_mixing_prob=0.9",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.resolution=16",
+            "model.img_channels=3",
+            "model.z_dim=32",
+            "model.w_dim=32",
+            "model.map_layers=2",
+            "model.channel_base=256",
+            "model.channel_max=32",
+            f"train.batch={batch}",
+            f"train.batch_gpu={batch_gpu}",
+            f"train.precision={precision}",
+            "train.pl_interval=2",
+            "train.r1_interval=2",
+            "train.r1_gamma=1.0",
+            "train.pl_batch_shrink=2",
+            "train.style_mixing_prob=0.9",
+        ],
+    )
     acc = make_accelerator(cfg.train.precision)
     _, accum = cfg.train.batch_layout(acc.num_processes)
     nets = build_nets(cfg, acc)
@@ -35,18 +48,31 @@ def main() -> None:
         for round_idx in range(accum):
             j = round_idx * acc.num_processes + acc.process_index
             start = step * batch + j * batch_gpu
-            micro_batches.append((reals[start:start + batch_gpu], torch.zeros(batch_gpu, 0)))
+            micro_batches.append((reals[start : start + batch_gpu], torch.zeros(batch_gpu, 0)))
         train_step(ctx, nets, step, micro_batches)
-        update_ema(nets.G_ema, nets.G_net, cur_nimg=(step + 1) * batch, batch=batch,
-                   ema_kimg=0.01, ema_rampup=None)
+        update_ema(
+            nets.G_ema,
+            nets.G_net,
+            cur_nimg=(step + 1) * batch,
+            batch=batch,
+            ema_kimg=0.01,
+            ema_rampup=None,
+        )
     if acc.is_main_process:
         # Parameters only: buffers such as w_avg are running statistics each rank keeps for its
         # own fakes (as in the official code); they do not feed back into training.
         def params(net):
             return {name: p.detach() for name, p in net.named_parameters()}
 
-        torch.save({"G": params(nets.G_net), "D": params(nets.D_net), "G_ema": params(nets.G_ema),
-                    "pl_mean": ctx.pl_mean}, out)
+        torch.save(
+            {
+                "G": params(nets.G_net),
+                "D": params(nets.D_net),
+                "G_ema": params(nets.G_ema),
+                "pl_mean": ctx.pl_mean,
+            },
+            out,
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,9 +30,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_pat
     save(tmp_path, 100)
     folder = save(tmp_path, 200)
     state_path = os.path.join(folder, "state.pt")
-    data = bytearray(open(state_path, "rb").read())
+    data = bytearray(Path(state_path).read_bytes())
     data[-10] ^= 0xFF  # one flipped byte: the sha256 in meta.json no longer matches
-    open(state_path, "wb").write(bytes(data))
+    Path(state_path).write_bytes(bytes(data))
     assert ckpt.find_latest(str(tmp_path)).meta["progress"]["cur_nimg"] == 100
 
 
@@ -66,8 +67,8 @@ def test_prune_keeps_the_last_n_and_every_mth_snapshot(tmp_path):
 
 def test_checkpoint_state_loads_with_weights_only_and_meta_is_plain_json(tmp_path):
     folder = save(tmp_path, 100)
-    raw = open(os.path.join(folder, "state.pt"), "rb").read()
+    raw = Path(folder, "state.pt").read_bytes()
     state = torch.load(io.BytesIO(raw), weights_only=True)
     assert torch.equal(state["G"]["w"], torch.full((2,), 100.0))
-    meta = json.loads(open(os.path.join(folder, "meta.json")).read())
+    meta = json.loads(Path(folder, "meta.json").read_text())
     assert meta["state_bytes"] == len(raw)

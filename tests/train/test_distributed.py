@@ -22,16 +22,30 @@ def run_worker(out: Path, batch: int, batch_gpu: int, steps: int, nproc: int) ->
     if nproc == 1:
         cmd = [sys.executable, str(WORKER)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER)]
-    result = subprocess.run([*cmd, str(out), str(batch), str(batch_gpu), str(steps)],
-                            env=env, capture_output=True, text=True, timeout=300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(WORKER),
+        ]
+    result = subprocess.run(
+        [*cmd, str(out), str(batch), str(batch_gpu), str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+    return max(
+        (a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point()
+    )
 
 
 def test_two_processes_with_accumulation_match_one_process_on_the_same_samples(tmp_path):

@@ -16,10 +16,21 @@ from sg2dist.train import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY = [
-    "model.resolution=32", "model.img_channels=1", "model.z_dim=32", "model.w_dim=32",
-    "model.map_layers=2", "model.channel_base=256", "model.channel_max=32",
-    "train.batch=8", "train.batch_gpu=4", "train.pl_interval=2", "train.r1_interval=2",
-    "data.workers=2", "data.shuffle_buffer=32", "run.tick_kimg=0.016", "run.snapshot_kimg=10",
+    "model.resolution=32",
+    "model.img_channels=1",
+    "model.z_dim=32",
+    "model.w_dim=32",
+    "model.map_layers=2",
+    "model.channel_base=256",
+    "model.channel_max=32",
+    "train.batch=8",
+    "train.batch_gpu=4",
+    "train.pl_interval=2",
+    "train.r1_interval=2",
+    "data.workers=2",
+    "data.shuffle_buffer=32",
+    "run.tick_kimg=0.016",
+    "run.snapshot_kimg=10",
     "tracking.enabled=false",
 ]
 
@@ -31,8 +42,14 @@ def train_cmd(run_dir: str, data_url: str, kimg: float, *extra: str) -> list[str
 
 def run_train(run_dir, data_url, kimg, *extra, env=None, expect=0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    result = subprocess.run(train_cmd(str(run_dir), data_url, kimg, *extra), cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        train_cmd(str(run_dir), data_url, kimg, *extra),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -46,7 +63,9 @@ def assert_same_state(a: ckpt.Checkpoint, b: ckpt.Checkpoint, atol: float) -> No
         for pid, slot in a.state[opt]["state"].items():
             for name, value in slot.items():
                 other = b.state[opt]["state"][pid][name]
-                assert torch.allclose(value.float(), other.float(), atol=atol), f"{opt}[{pid}].{name}"
+                assert torch.allclose(value.float(), other.float(), atol=atol), (
+                    f"{opt}[{pid}].{name}"
+                )
     assert a.meta["progress"] == b.meta["progress"]
     assert abs(a.meta["pl_mean"] - b.meta["pl_mean"]) <= atol
 
@@ -67,22 +86,38 @@ def test_resume_after_k_steps_matches_2k_uninterrupted_steps(where, tmp_path, di
 def test_kill_during_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, digits_url):
     run_train(tmp_path / "crash", digits_url, 0.048)
     # Dies by SIGKILL after state.pt of the next checkpoint, before its meta.json.
-    run_train(tmp_path / "crash", digits_url, 0.096,
-              env={"SG2DIST_FAILPOINT": "checkpoint-after-state"}, expect=-signal.SIGKILL)
+    run_train(
+        tmp_path / "crash",
+        digits_url,
+        0.096,
+        env={"SG2DIST_FAILPOINT": "checkpoint-after-state"},
+        expect=-signal.SIGKILL,
+    )
     folders = sorted((tmp_path / "crash" / "checkpoints").glob("nimg-*"))
     assert len(folders) == 2 and not (folders[-1] / "meta.json").exists()
     assert ckpt.find_latest(str(tmp_path / "crash")).meta["progress"]["step"] == 6
     result = run_train(tmp_path / "crash", digits_url, 0.096)
     assert "resumed from" in result.stdout and "nimg-000000000048" in result.stdout
     run_train(tmp_path / "whole", digits_url, 0.096)
-    assert_same_state(ckpt.find_latest(str(tmp_path / "crash")),
-                      ckpt.find_latest(str(tmp_path / "whole")), atol=1e-6)
+    assert_same_state(
+        ckpt.find_latest(str(tmp_path / "crash")),
+        ckpt.find_latest(str(tmp_path / "whole")),
+        atol=1e-6,
+    )
 
 
-def test_sigterm_mid_run_writes_a_checkpoint_and_exits_0_within_the_grace_period(tmp_path, digits_url):
+def test_sigterm_mid_run_writes_a_checkpoint_and_exits_0_within_the_grace_period(
+    tmp_path, digits_url
+):
     cmd = train_cmd(str(tmp_path / "run"), digits_url, 100.0)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     for line in proc.stdout:  # wait until it is really training: the first tick line
         if line.startswith("tick"):
             break
@@ -99,10 +134,29 @@ def test_sigterm_mid_run_writes_a_checkpoint_and_exits_0_within_the_grace_period
 def test_quickstart_config_runs_end_to_end_and_leaves_grids_checkpoints_and_config(tmp_path):
     run_dir = tmp_path / "runs" / "quickstart"
     result = subprocess.run(
-        [sys.executable, "-m", "sg2dist", "train", "--config", "configs/quickstart.yaml",
-         "--set", "train.kimg=0.128", "--set", "run.snapshot_kimg=0.064", "--set", "run.tick_kimg=0.032",
-         "--set", f"run.dir={run_dir}", "--set", "tracking.enabled=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=400, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        [
+            sys.executable,
+            "-m",
+            "sg2dist",
+            "train",
+            "--config",
+            "configs/quickstart.yaml",
+            "--set",
+            "train.kimg=0.128",
+            "--set",
+            "run.snapshot_kimg=0.064",
+            "--set",
+            "run.tick_kimg=0.032",
+            "--set",
+            f"run.dir={run_dir}",
+            "--set",
+            "tracking.enabled=false",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert (run_dir / "config.yaml").is_file()

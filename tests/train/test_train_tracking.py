@@ -12,26 +12,45 @@ from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
-    "model.resolution=32", "model.img_channels=1", "model.z_dim=32", "model.w_dim=32",
-    "model.map_layers=2", "model.channel_base=256", "model.channel_max=32",
-    "train.batch=8", "train.batch_gpu=8", "data.workers=1",
-    "run.tick_kimg=0.016", "run.snapshot_kimg=0.032",
+    "model.resolution=32",
+    "model.img_channels=1",
+    "model.z_dim=32",
+    "model.w_dim=32",
+    "model.map_layers=2",
+    "model.channel_base=256",
+    "model.channel_max=32",
+    "train.batch=8",
+    "train.batch_gpu=8",
+    "data.workers=1",
+    "run.tick_kimg=0.016",
+    "run.snapshot_kimg=0.032",
 ]
 
 
 def train(run_dir: str, data_url: str, kimg: float, env: dict) -> subprocess.CompletedProcess:
-    sets = [*TINY, f"run.dir={run_dir}", f"data.url={data_url}", f"train.kimg={kimg}",
-            "tracking.experiment=e2e", "tracking.system_metrics=true"]
+    sets = [
+        *TINY,
+        f"run.dir={run_dir}",
+        f"data.url={data_url}",
+        f"train.kimg={kimg}",
+        "tracking.experiment=e2e",
+        "tracking.system_metrics=true",
+    ]
     result = subprocess.run(
         [sys.executable, "-m", "sg2dist", "train", *[a for s in sets for a in ("--set", s)]],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
 
 def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_run(
-        s3_env, mlflow_server, digits_url, monkeypatch):
+    s3_env, mlflow_server, digits_url, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     env = dict(os.environ, OMP_NUM_THREADS="1", **mlflow_server.client_env())
     run_dir = f"{s3_env.url}/runs/tracked"
