@@ -4,7 +4,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test lint format tools clean
+.PHONY: demo test lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,14 +15,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m sg2dist train --config configs/quickstart.yaml
 
-# kubectl renders the kustomize overlays in the k8s tests; Debian ships it.
-tools:
-	@command -v kubectl >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; \
-	  else echo "note: kubectl missing (apt-get install kubernetes-client); k8s render tests will skip"; fi; }
-
-test: $(VENV)/.installed tools
+test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

@@ -209,6 +209,12 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        group = min(self.model.mbstd_group, self.train.batch_gpu)
+        if self.train.batch_gpu % group != 0:
+            raise ConfigError(
+                f"train.batch_gpu={self.train.batch_gpu} is not a multiple of the minibatch-stddev "
+                f"group model.mbstd_group={self.model.mbstd_group}; use a multiple of {group}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,6 +29,8 @@ would re-shard batches that are already per rank.
 
 from __future__ import annotations
 
+import os
+
 import json
 import logging
 import random
@@ -327,6 +329,16 @@ class _WorkerStreams(IterableDataset):
             yield _WorkerFailure(str(exc))
 
 
+def _own_process_group(_worker_id: int) -> None:
+    """Move a DataLoader worker out of the trainer's process group.
+
+    torchrun and accelerate launch forward SIGTERM to the whole group; a worker killed by it
+    makes the trainer fail before it can write its preemption checkpoint. Workers still end
+    with the trainer: the DataLoader shuts them down, and they exit when their parent dies.
+    """
+    os.setpgid(0, 0)
+
+
 class StreamLoader:
     """Iterator of Batch for one rank; `state` is the StreamState the loop updates."""
 
@@ -344,6 +356,7 @@ class StreamLoader:
             batch_size=None,  # workers already yield whole batches
             num_workers=workers,
             prefetch_factor=2 if workers > 0 else None,
+            worker_init_fn=_own_process_group,
         )
         self._iterator: Iterator[Any] | None = None
         self._delivered = 0

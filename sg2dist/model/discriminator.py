@@ -13,7 +13,7 @@ from sg2dist.model.generator import (
     compute_dtype,
     fp16_min_resolution,
 )
-from sg2dist.model.layers import Conv2dLayer, FullyConnected, channels_last
+from sg2dist.model.layers import Conv2dLayer, FullyConnected, conv_layout
 
 SKIP_GAIN = math.sqrt(0.5)  # residual sum of two unit-variance branches stays unit variance
 LABEL_MAPPING_LAYERS = 8  # the official label mapping of D keeps the MappingNetwork default
@@ -119,6 +119,9 @@ class DiscriminatorEpilogue(nn.Module):
 
 
 class Discriminator(nn.Module):
+    """D(img, c) -> logits [N, 1]: fromRGB at the top resolution, residual blocks down to 4x4,
+    then the epilogue (projection onto the label mapping when c_dim > 0)."""
+
     def __init__(
         self,
         c_dim: int,
@@ -171,7 +174,7 @@ class Discriminator(nn.Module):
         )
 
     def forward(self, img: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.fromrgb(channels_last(img.to(compute_dtype(self.top_fp16, self.fromrgb.weight))))
+        x = self.fromrgb(conv_layout(img.to(compute_dtype(self.top_fp16, self.fromrgb.weight))))
         for block in self.blocks.values():
             x = block(x)
         cmap = self.mapping(None, c) if self.mapping is not None else None

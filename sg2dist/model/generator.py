@@ -14,7 +14,7 @@ from torch import nn
 from sg2dist.model.layers import (
     LRELU_GAIN,
     FullyConnected,
-    channels_last,
+    conv_layout,
     fir_filter,
     lrelu_clamp_,
     modulated_conv2d,
@@ -249,7 +249,7 @@ class SynthesisBlock(nn.Module):
         """
         dtype = compute_dtype(self.use_fp16, self.conv1.weight)
         if self.conv0 is None:
-            x = channels_last(self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1))
+            x = conv_layout(self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1))
             x = self.conv1(x, ws[:, 0], noise_mode, fused_modconv)
         else:
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, fused_modconv)
@@ -319,6 +319,8 @@ class SynthesisNetwork(nn.Module):
 
 
 class Generator(nn.Module):
+    """G(z, c) -> image: mapping network, optional style mixing, synthesis network."""
+
     def __init__(
         self,
         z_dim: int,
@@ -373,7 +375,7 @@ class Generator(nn.Module):
             ws = self.mix_styles(ws, z, c, style_mixing_prob, truncation_psi, truncation_cutoff)
         # fp32 ws: wrappers that cast outputs to fp32 (accelerate under autocast) then return
         # this very tensor, so path-length gradients w.r.t. the returned ws reach the graph.
-        ws = ws.float()
+        ws = at_least_fp32(ws)
         img = self.synthesis(ws, noise_mode, fused_modconv)
         return (img, ws) if return_ws else img
 

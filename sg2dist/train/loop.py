@@ -40,6 +40,12 @@ class NonFiniteError(UserError):
     """Too many steps in a row had non-finite losses or gradients."""
 
 
+# A rank that checkpointed and stopped because ANOTHER rank was signalled. Non-zero so that an
+# Indexed Job does not count this machine as finished and reruns it with the preempted one;
+# not 2, which the Job treats as a fatal configuration error. (EX_TEMPFAIL from sysexits.h.)
+EXIT_STOPPED_BY_PEER = 75
+
+
 @dataclass
 class Progress:
     """Counters that a checkpoint restores (paper vocabulary)."""
@@ -80,8 +86,12 @@ class Session:
         return fn(*args, **kwargs) if self.is_main else None
 
 
-def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> None:
-    """Run (or continue) training until cfg.train.kimg; checkpoint on SIGTERM/SIGINT."""
+def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> int:
+    """Run (or continue) training until cfg.train.kimg; checkpoint on SIGTERM/SIGINT.
+
+    Returns the exit code: 0 when done or stopped by a signal this process received,
+    EXIT_STOPPED_BY_PEER when it stopped because another rank was signalled.
+    """
     session = build_session(cfg, resume=resume, init_from=init_from)
     install_stop_handlers(session)
     total_nimg = int(cfg.train.kimg * 1000)
@@ -111,11 +121,16 @@ def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> None:
         session.on_main(log_final_generator, session)
     session.on_main(session.tracker.end, "FINISHED" if done else "KILLED")
     session.accelerator.wait_for_everyone()
-    session.on_main(
-        print,
-        f"{'done' if done else 'stopped'} at kimg {session.progress.cur_nimg / 1000:g}",
+    kimg = session.progress.cur_nimg / 1000
+    session.on_main(print, f"{'done' if done else 'stopped'} at kimg {kimg:g}", flush=True)
+    if done or session.stop_requested:
+        return 0
+    print(
+        f"rank {session.accelerator.process_index}: stopped at kimg {kimg:g} because another "
+        f"rank was signalled; exit {EXIT_STOPPED_BY_PEER} so the job runs it again",
         flush=True,
     )
+    return EXIT_STOPPED_BY_PEER
 
 
 # ---------------------------------------------------------------------------- building

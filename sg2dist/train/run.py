@@ -47,5 +47,4 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from sg2dist.train.loop import train
 
-    train(cfg, resume=args.resume, init_from=args.init_from)
-    return 0
+    return train(cfg, resume=args.resume, init_from=args.init_from)

@@ -3,7 +3,7 @@
 Two copies of the script on one machine play machine 0 and machine 1 of a 2-node job
 (CPU, gloo). Most tests run `ddp_probe` (a tiny torch.distributed program, next to this
 file) in place of `sg2dist train` through the script's SG2DIST_ENTRY_MODULE hook; the last
-one trains the quickstart for real.
+two train the quickstart for real.
 """
 
 import importlib.machinery
@@ -15,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ def probe_env(out_dir: Path, **variables: str) -> dict[str, str]:
     """The environment of one launch running the probe; `variables` as a Job would set them."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(
-        PYTHONPATH="/tmp/sigfix:" + str(PROBE_DIR),
+        PYTHONPATH=str(PROBE_DIR),
         SG2DIST_ENTRY_MODULE="ddp_probe",
         PROBE_OUT=str(out_dir),
         SG2DIST_CONFIG=str(ROOT / "configs" / "quickstart.yaml"),
@@ -53,25 +55,33 @@ def probe_env(out_dir: Path, **variables: str) -> dict[str, str]:
     return env
 
 
-def start(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(LAUNCH), *args],
-        env=env,
-        cwd=env.get("TEST_CWD", ROOT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@dataclass
+class Launch:
+    process: subprocess.Popen
+    logs: Path  # stdout/stderr go to files: a full pipe would stall a rank, and with it both
 
 
-def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+def start(env: dict[str, str], *args: str) -> Launch:
+    logs = Path(tempfile.mkdtemp(prefix="launch-", dir=env["PROBE_OUT"]))
+    with (logs / "out").open("w") as out, (logs / "err").open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, str(LAUNCH), *args], env=env, cwd=ROOT, stdout=out, stderr=err
+        )
+    return Launch(process, logs)
+
+
+def finish(launch: Launch) -> tuple[int, str, str]:
+    timed_out = False
     try:
-        out, err = process.communicate(timeout=TIMEOUT_S)
+        launch.process.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        process.kill()
-        out, err = process.communicate()
+        launch.process.kill()
+        launch.process.wait()
+        timed_out = True
+    out, err = (launch.logs / "out").read_text(), (launch.logs / "err").read_text()
+    if timed_out:
         pytest.fail(f"launch still running after {TIMEOUT_S} s:\n{out[-2000:]}\n{err[-3000:]}")
-    return process.returncode, out, err
+    return launch.process.returncode, out, err
 
 
 def launch(env: dict[str, str], *args: str) -> tuple[int, str, str]:
@@ -168,14 +178,14 @@ def test_unreachable_main_address_fails_after_the_bounded_wait(tmp_path):
 
 
 def test_sigterm_reaches_the_trainer_and_the_exit_stays_nonzero(tmp_path):
-    process = start(probe_env(tmp_path, PROBE_MODE="wait-for-sigterm"))
+    machine = start(probe_env(tmp_path, PROBE_MODE="wait-for-sigterm"))
     deadline = time.monotonic() + TIMEOUT_S
     while not (tmp_path / "rank0.json").exists():
-        assert process.poll() is None, process.communicate()
+        assert machine.process.poll() is None, finish(machine)
         assert time.monotonic() < deadline, "the probe never started"
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    code, _, err = finish(process)
+    machine.process.send_signal(signal.SIGTERM)
+    code, _, err = finish(machine)
     assert report(tmp_path, 0)["events"] == ["started", "checkpointed after signal 15"]
     # The trainer exited 0 after checkpointing, yet this machine did not finish: 128+15 makes
     # an Indexed Job run the index again (and resume) instead of counting it complete.
@@ -285,19 +295,22 @@ def test_preempting_one_machine_checkpoints_both_and_neither_counts_as_finished(
     machine1 = start(probe_env(tmp_path, NODE_RANK="1", SG2DIST_ENTRY_MODULE="sg2dist", **shared))
     deadline = time.monotonic() + TIMEOUT_S
     while not (run_dir / "checkpoints" / "latest").exists():
-        assert machine0.poll() is None and machine1.poll() is None, "a machine exited early"
+        assert machine0.process.poll() is None, finish(machine0)
+        assert machine1.process.poll() is None, finish(machine1)
         assert time.monotonic() < deadline, "training never reached its first checkpoint"
         time.sleep(0.5)
     first_nimg = latest_progress(run_dir)["cur_nimg"]
-    machine1.send_signal(signal.SIGTERM)  # the preemption of one node
+    machine1.process.send_signal(signal.SIGTERM)  # the preemption of one node
     code1, _, err1 = finish(machine1)
     assert code1 == 143, err1[-2000:]  # the preempted pod: DisruptionTarget, run again
     try:
-        machine0.wait(timeout=60)
+        machine0.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        # torchrun on machine 0 waits up to 300 s for machine 1 at its exit barrier, which
-        # happens only when machine 0's trainer exited 0; stop it like Kubernetes would.
-        machine0.send_signal(signal.SIGTERM)
+        # After its trainer exited 0, torchrun on machine 0 waits up to 300 s for machine 1
+        # at its exit barrier, deaf to SIGTERM; its trainer is gone, so kill it. Otherwise
+        # its trainer still runs: SIGTERM makes torchrun stop it.
+        stopped = latest_progress(run_dir)["cur_nimg"] > first_nimg
+        machine0.process.send_signal(signal.SIGKILL if stopped else signal.SIGTERM)
     code0, out0, err0 = finish(machine0)
     if latest_progress(run_dir)["cur_nimg"] == first_nimg and "DataLoader worker" in err1:
         pytest.xfail(
@@ -307,7 +320,7 @@ def test_preempting_one_machine_checkpoints_both_and_neither_counts_as_finished(
         )
     # Both ranks stopped at the same step and checkpointed it.
     assert first_nimg < latest_progress(run_dir)["cur_nimg"] < 50_000, err1[-3000:]
-    if "stopped at kimg" in out0 and code0 in (0, 143):
+    if "stopped at kimg" in out0 and code0 in (0, -signal.SIGKILL):
         pytest.xfail(
             "sg2dist train exits 0 on ranks that stopped because another rank was signalled, "
             "so an Indexed Job would count index 0 as complete and never rerun it; it must "

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from sg2dist.model.layers import (
     Conv2dLayer,
     FullyConnected,
+    blur2d,
     downsample2d,
     fir_filter,
     modulated_conv2d,
@@ -129,7 +130,7 @@ def filter_same(x: torch.Tensor, f_kk: torch.Tensor) -> torch.Tensor:
 
 def zero_insert(x: torch.Tensor) -> torch.Tensor:
     N, C, H, W = x.shape
-    z = torch.zeros(N, C, 2 * H, 2 * W)
+    z = x.new_zeros(N, C, 2 * H, 2 * W)
     z[:, :, ::2, ::2] = x
     return z
 
@@ -181,3 +182,41 @@ def test_downsampling_conv_equals_3x3_convolution_fir_then_dropping_pixels():
         full = F.conv2d(F.pad(x, [2, 2, 2, 2]), conv.weight * conv.weight_gain)
         expected = filter_same(full, fir_filter())[:, :, ::2, ::2]
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+FIR_OPS = {  # ours, reference built from padding, zero insertion and shifted slices
+    "upsample": (
+        lambda x: upsample2d(x, fir_filter()),
+        lambda x: filter_same(F.pad(zero_insert(x), [2, 1, 2, 1]), fir_filter() * 4),
+    ),
+    "downsample": (
+        lambda x: downsample2d(x, fir_filter()),
+        lambda x: filter_same(F.pad(x, [1, 1, 1, 1]), fir_filter())[:, :, ::2, ::2],
+    ),
+    "blur-pad2": (
+        lambda x: blur2d(x, fir_filter(), pad=2),
+        lambda x: filter_same(F.pad(x, [2, 2, 2, 2]), fir_filter()),
+    ),
+    "blur-pad1-gain4": (
+        lambda x: blur2d(x, fir_filter(), pad=1, gain=4.0),
+        lambda x: filter_same(F.pad(x, [1, 1, 1, 1]), fir_filter() * 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FIR_OPS)
+def test_fir_filters_have_the_reference_first_and_second_derivatives(name):
+    ours, reference = FIR_OPS[name]
+
+    def penalty_grads(op):
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 6, 6, requires_grad=True)
+        y = op(x)
+        r = torch.randn(y.shape).requires_grad_(True)  # not randn_like: layouts differ
+        (gx,) = torch.autograd.grad((torch.tanh(y) * r).sum(), x, create_graph=True)
+        return (y, gx, *torch.autograd.grad(gx.square().sum(), (x, r)))
+
+    for got, want in zip(penalty_grads(ours), penalty_grads(reference), strict=True):
+        torch.testing.assert_close(got, want)
+    x64 = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(ours, (x64,))

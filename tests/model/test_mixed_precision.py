@@ -74,3 +74,21 @@ def test_fp16_blocks_run_in_half_precision_on_cuda_and_track_the_fp32_result(sma
     logits16.sum().backward()
     for net in (G16, D16):
         assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_networks_train_under_bf16_autocast_including_both_double_backwards(small_nets):
+    G, D = small_nets()
+    z, c = torch.randn(4, G.z_dim), torch.zeros(4, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        img, ws = G(z, c, style_mixing_prob=0.9, return_ws=True)
+        assert img.dtype == torch.float32 and ws.dtype == torch.float32
+        (pl_grads,) = torch.autograd.grad(
+            (img * torch.randn(img.shape)).sum(), ws, create_graph=True
+        )
+        reals = torch.randn(4, 3, 16, 16, requires_grad=True)
+        logits = D(reals, c)
+        (r1_grads,) = torch.autograd.grad(logits.sum(), reals, create_graph=True)
+    (pl_grads.square().sum() + r1_grads.float().square().sum() + D(img, c).mean()).backward()
+    for net in (G, D):
+        for name, p in net.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
