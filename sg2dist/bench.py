@@ -52,7 +52,8 @@ class _Rate:
 
     @property
     def per_cpu_s(self) -> float:
-        return self.images / self.cpu_s
+        # A very short run can measure 0 CPU seconds at the clock's resolution.
+        return self.images / max(self.cpu_s, 1e-6)
 
 
 def _cpu_seconds() -> float:

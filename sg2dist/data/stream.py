@@ -29,10 +29,9 @@ would re-shard batches that are already per rank.
 
 from __future__ import annotations
 
-import os
-
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field

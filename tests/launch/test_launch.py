@@ -240,6 +240,7 @@ def test_two_machines_train_the_quickstart_together_and_write_one_checkpoint(tmp
     run_dir = tmp_path / "run"
     overrides = [
         "train.kimg=0.096",  # 3 steps of the global batch 32
+        "train.batch=32",
         "train.batch_gpu=16",  # 16 per process x 2 processes
         f"data.url={digits_url}",
         f"run.dir={run_dir}",
@@ -282,6 +283,7 @@ def test_preempting_one_machine_checkpoints_both_and_neither_counts_as_finished(
     run_dir = tmp_path / "run"
     overrides = [
         "train.kimg=50",  # far more than the test lets it run
+        "train.batch=32",
         "train.batch_gpu=16",
         "run.snapshot_kimg=0.064",  # a checkpoint every 2 steps shows the loop is running
         f"data.url={digits_url}",
