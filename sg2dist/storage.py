@@ -339,11 +339,19 @@ def _atomic_local_file(path: str) -> Iterator[str]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 - umask).
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
         raise
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask
 
 
 def write_bytes(url: str, data: bytes, *, client: Any = None) -> None:

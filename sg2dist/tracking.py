@@ -482,7 +482,7 @@ def _generate_images(
             raise ValueError(
                 f"this generator is conditional: add a column 'class_idx' in 0..{G.c_dim - 1}"
             )
-        c[torch.arange(len(rows)), torch.as_tensor(rows["class_idx"].to_numpy())] = 1
+        c[torch.arange(len(rows)), torch.as_tensor(rows["class_idx"].to_numpy().copy())] = 1
     noise_mode = params.get("noise_mode", "const")
     images = []
     with torch.no_grad():

@@ -130,3 +130,12 @@ def test_s3_unreachable_endpoint_is_a_clear_error_within_seconds(s3_env, monkeyp
     with pytest.raises(UserError, match=f"cannot reach S3 endpoint http://127.0.0.1:{closed_port}"):
         storage.exists(storage.join(s3_env.url, "x"))
     assert time.monotonic() - started < 15
+
+
+def test_local_writes_get_the_mode_a_plain_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes(str(tmp_path / "a.png"), b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644

@@ -35,15 +35,18 @@ TINY = [
 ]
 
 
-def train_cmd(run_dir: str, data_url: str, kimg: float, *extra: str) -> list[str]:
+def train_cmd(run_dir: str, data_url: str, kimg: float, *extra: str, args=()) -> list[str]:
     sets = [*TINY, f"run.dir={run_dir}", f"data.url={data_url}", f"train.kimg={kimg}", *extra]
-    return [sys.executable, "-m", "sg2dist", "train", *[a for s in sets for a in ("--set", s)]]
+    overrides = [a for s in sets for a in ("--set", s)]
+    return [sys.executable, "-m", "sg2dist", "train", *overrides, *args]
 
 
-def run_train(run_dir, data_url, kimg, *extra, env=None, expect=0) -> subprocess.CompletedProcess:
+def run_train(
+    run_dir, data_url, kimg, *extra, args=(), env=None, expect=0
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run(
-        train_cmd(str(run_dir), data_url, kimg, *extra),
+        train_cmd(str(run_dir), data_url, kimg, *extra, args=args),
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -166,3 +169,45 @@ def test_quickstart_config_runs_end_to_end_and_leaves_grids_checkpoints_and_conf
     assert json.loads(json.dumps(latest.meta))["config"]["model"]["resolution"] == 32
     assert (tmp_path / "runs" / "datasets" / "digits32" / "dataset.json").is_file()
     assert "tick" in result.stdout
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run_with_a_checkpoint(
+    tmp_path, digits_url
+):
+    # An absurd learning rate makes the first step blow the weights up to ~1e30: every later
+    # step has non-finite losses and gradients, which must be skipped rather than applied.
+    result = run_train(
+        tmp_path / "nan",
+        digits_url,
+        1.0,
+        "train.g_lr=1e30",
+        "train.d_lr=1e30",
+        "train.max_nonfinite_steps=3",
+        expect=2,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("sg2dist: error: 3 steps in a row had non-finite")
+    latest = ckpt.find_latest(str(tmp_path / "nan"))
+    assert latest.meta["skipped_steps"] >= 3
+    weights = [t for t in latest.state["G"].values() if t.is_floating_point()]
+    assert all(bool(torch.isfinite(t).all()) for t in weights)  # skipped steps changed nothing
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, digits_url):
+    run_train(tmp_path / "pretrained", digits_url, 0.048)
+    source = ckpt.find_latest(str(tmp_path / "pretrained"))
+    # Another seed: a random initialisation would be far from the pretrained weights.
+    result = run_train(
+        tmp_path / "finetune",
+        digits_url,
+        0.008,
+        "train.seed=1",
+        args=["--init-from", str(tmp_path / "pretrained")],
+    )
+    assert "resumed from" not in result.stdout
+    tuned = ckpt.find_latest(str(tmp_path / "finetune"))
+    assert tuned.meta["progress"]["step"] == 1  # counters start fresh
+    for key, weight in source.state["G"].items():
+        if weight.is_floating_point() and weight.numel() > 1:
+            # One Adam step away from the pretrained weights, not a random initialisation.
+            assert (tuned.state["G"][key] - weight).abs().max() < 0.05, key
