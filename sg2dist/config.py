@@ -252,6 +252,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return [_coerce(item, item_type, key) for item in value]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML reads 1e-4 (no dot) as a string; for a float field it is clearly a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):

@@ -36,6 +36,13 @@ def test_overrides_take_precedence_over_yaml_and_keep_types(tmp_path):
     assert cfg.run.dir == "s3://b/runs/x"
 
 
+def test_float_keys_accept_exponents_without_a_dot(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  g_lr: 2e-3\n")
+    cfg = load_config(path, ["train.d_lr=1e-4"])
+    assert cfg.train.g_lr == 0.002 and cfg.train.d_lr == 0.0001
+
+
 def test_config_round_trips_through_a_plain_dict():
     cfg = load_config(None, ["model.resolution=64", "train.ema_rampup=0.05"])
     assert config_from_dict(cfg.to_dict()) == cfg

@@ -102,9 +102,11 @@ class MappingNetwork(nn.Module):
 
         if update_emas and self.w_avg_beta is not None:
             with torch.no_grad():
-                self.w_avg.copy_(
+                tracked = (
                     x.detach().to(self.w_avg.dtype).mean(dim=0).lerp(self.w_avg, self.w_avg_beta)
                 )
+                # A diverged batch must not poison the truncation centre; where() needs no sync.
+                self.w_avg.copy_(torch.where(tracked.isfinite(), tracked, self.w_avg))
         if self.num_ws is None:
             return x
         # A real copy per layer, not an expanded view: callers may write into ws.
