@@ -309,6 +309,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def add_config_arguments(parser) -> None:
+    """--config FILE and repeatable --set KEY=VALUE, shared by every command that takes a config."""
+    parser.add_argument("--config", help="YAML config file (defaults: the paper's config F)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.batch=64 (repeatable)",
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- --set overrides, then validated."""
     cfg = Config()

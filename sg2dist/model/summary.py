@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sg2dist.config import load_config
+from sg2dist.config import add_config_arguments, load_config
 from sg2dist.model import build_networks, count_params
 from sg2dist.model.discriminator import Discriminator
 from sg2dist.model.generator import Generator
@@ -21,15 +21,7 @@ Row = tuple[str, str, str, int]  # block, channels, output shape, parameters
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (default: the built-in config F)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set model.resolution=256 (repeatable)",
-    )
+    add_config_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:

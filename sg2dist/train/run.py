@@ -5,19 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from sg2dist.config import dump_config, load_config
+from sg2dist.config import add_config_arguments, dump_config, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (defaults: the paper's config F)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set train.batch=64 (repeatable)",
-    )
+    add_config_arguments(parser)
     parser.add_argument(
         "--dry-run",
         action="store_true",
