@@ -26,7 +26,6 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torch_fidelity import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from sg2dist import cli
@@ -50,28 +49,6 @@ TINY_G = ModelConfig(
     channel_base=256,
     channel_max=32,
 )
-
-
-class _ArchitectureOnly(FeatureExtractorInceptionV3):
-    """torch-fidelity's Inception with its random initial weights (loading is skipped)."""
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ARG002
-        return None
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("inception")
-    torch.save({}, folder / "nothing.pt")
-    torch.manual_seed(0)
-    extractor = _ArchitectureOnly(
-        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "nothing.pt")
-    )
-    for module in extractor.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(extractor.state_dict(), folder / "random-inception.pth")
-    return str(folder / "random-inception.pth")
 
 
 @pytest.fixture(scope="module")

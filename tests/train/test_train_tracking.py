@@ -27,7 +27,7 @@ TINY = [
 ]
 
 
-def train(run_dir: str, data_url: str, kimg: float, env: dict) -> subprocess.CompletedProcess:
+def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str):
     sets = [
         *TINY,
         f"run.dir={run_dir}",
@@ -35,6 +35,7 @@ def train(run_dir: str, data_url: str, kimg: float, env: dict) -> subprocess.Com
         f"train.kimg={kimg}",
         "tracking.experiment=e2e",
         "tracking.system_metrics=true",
+        *extra,
     ]
     result = subprocess.run(
         [sys.executable, "-m", "sg2dist", "train", *[a for s in sets for a in ("--set", s)]],
@@ -49,12 +50,18 @@ def train(run_dir: str, data_url: str, kimg: float, env: dict) -> subprocess.Com
 
 
 def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_run(
-    s3_env, mlflow_server, digits_url, monkeypatch
+    s3_env, mlflow_server, digits_url, inception_weights, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     env = dict(os.environ, OMP_NUM_THREADS="1", **mlflow_server.client_env())
     run_dir = f"{s3_env.url}/runs/tracked"
-    train(run_dir, digits_url, 0.032, env)
+    # FID during training, with a test-built Inception weights file (see support/inception.py).
+    fid = [
+        "metrics.every_kimg=0.032",
+        "metrics.metrics=fid64",
+        f"metrics.inception_weights={inception_weights}",
+    ]
+    train(run_dir, digits_url, 0.032, env, *fid)
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("e2e")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -67,6 +74,8 @@ def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_
     history = client.get_metric_history(run.info.run_id, "loss_G")
     assert [m.step for m in history] == [16, 32]
     assert {"kimg", "img_per_s", "sec_per_kimg", "loss_D_real", "pl_mean"} <= set(run.data.metrics)
+    (fid_at_32,) = client.get_metric_history(run.info.run_id, "fid64")
+    assert fid_at_32.step == 32 and fid_at_32.value > 0
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert any("fakes" in path for path in images), images
     generator = mlflow.pyfunc.load_model(run.data.tags["generator_model_uri"])
@@ -74,11 +83,12 @@ def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_
     assert images.shape[:3] == (2, 32, 32) and images.dtype == np.uint8
 
     # Kill-and-resume stands in as "a later invocation": it must continue the same MLflow run.
-    train(run_dir, digits_url, 0.064, env)
+    train(run_dir, digits_url, 0.064, env, *fid)
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id]
     history = client.get_metric_history(run.info.run_id, "loss_G")
     assert [m.step for m in history] == [16, 32, 48, 64]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "fid64")] == [32, 64]
 
     # No secret value anywhere: params, tags, metric names.
     final = client.get_run(run.info.run_id)
