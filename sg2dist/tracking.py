@@ -435,6 +435,41 @@ class Tracker:
         self._call(self._client.set_terminated, self._run_id, status)
 
 
+class NodeSystemMetrics:
+    """System metrics of one more machine, logged into node 0's run under its own node id.
+
+    Only the main process (node 0) tracks; the first process of every other node starts one
+    of these with the run id broadcast from node 0, so the run shows every machine's CPU,
+    memory and GPUs. Only for a shared tracking server: another machine's local sqlite file
+    would never be seen. Failures only print a warning; training goes on.
+    """
+
+    def __init__(self, cfg: Config, run_id: str) -> None:
+        self._monitor = None
+        uri, _ = resolve_tracking_uri(cfg)
+        if not (cfg.tracking.enabled and cfg.tracking.system_metrics and run_id):
+            return
+        if not uri.startswith(("http://", "https://", "databricks")):
+            return
+        try:
+            with _quiet_libraries():
+                self._monitor = SystemMetricsMonitor(
+                    run_id, node_id=_node_id(), tracking_uri=uri, resume_logging=True
+                )
+                self._monitor.start()
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            print(
+                f"[tracking] system metrics of {_node_id()} off: {_one_line(exc)}", file=sys.stderr
+            )
+            self._monitor = None
+
+    def end(self) -> None:
+        if self._monitor is not None:
+            with _quiet_libraries():
+                self._monitor.finish()
+            self._monitor = None
+
+
 # ---------------------------------------------------------------------------- G_ema as a model
 
 

@@ -22,7 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    gather_object,
+)
 from PIL import Image
 from tqdm import tqdm
 
@@ -119,7 +124,9 @@ def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> int:
     session.bar.close()
     if done:
         session.on_main(log_final_generator, session)
-    session.on_main(session.tracker.end, "FINISHED" if done else "KILLED")
+    session.tracker.end(
+        "FINISHED" if done else "KILLED"
+    )  # every rank: other nodes stop their monitors
     session.accelerator.wait_for_everyone()
     kimg = session.progress.cur_nimg / 1000
     session.on_main(print, f"{'done' if done else 'stopped'} at kimg {kimg:g}", flush=True)
@@ -279,6 +286,31 @@ class NoTracking:
 
 
 def start_tracker(cfg: Config, accelerator: Accelerator, run_id: str | None, manifest):
+    """The main process's Tracker; the other nodes' first processes log their system metrics."""
+    tracker = _start_main_tracker(cfg, accelerator, run_id, manifest)
+    if not cfg.tracking.enabled or accelerator.num_processes == 1:
+        return tracker
+    # Sync point: every rank learns the run id, so other nodes log into the same run.
+    (shared_run_id,) = broadcast_object_list([tracker.run_id])
+    if accelerator.is_local_main_process and not accelerator.is_main_process:
+        from sg2dist.tracking import NodeSystemMetrics
+
+        return NodeTracking(shared_run_id, NodeSystemMetrics(cfg, shared_run_id))
+    return tracker
+
+
+class NodeTracking(NoTracking):
+    """Another node's first process: no logging of its own except system metrics."""
+
+    def __init__(self, run_id: str | None, node_metrics):
+        super().__init__(run_id)
+        self.node_metrics = node_metrics
+
+    def end(self, *args, **kwargs) -> None:
+        self.node_metrics.end()
+
+
+def _start_main_tracker(cfg: Config, accelerator: Accelerator, run_id: str | None, manifest):
     if not (cfg.tracking.enabled and accelerator.is_main_process):
         return NoTracking(run_id)
     from sg2dist.tracking import Tracker

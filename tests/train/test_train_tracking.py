@@ -1,6 +1,7 @@
 """A short training run logs to a real MLflow server; a resume continues the same MLflow run."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,56 @@ def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_
     secret = s3_env.server.secret_key
     everything = [*final.data.params.items(), *final.data.tags.items(), *final.data.metrics]
     assert not any(secret in str(item) for item in everything)
+
+
+def test_two_node_run_logs_system_metrics_of_every_node_into_one_run(
+    tmp_path, mlflow_server, digits_url
+):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        ACCELERATE_USE_CPU="1",
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
+        MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING="1",
+        **mlflow_server.client_env(),
+    )
+    sets = [
+        *TINY, "train.batch=16", f"run.dir={tmp_path / 'run'}", f"data.url={digits_url}",
+        "train.kimg=0.096", "tracking.experiment=two-nodes",
+    ]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "sg2dist",
+                "train",
+                *[a for s in sets for a in ("--set", s)],
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("two-nodes")
+    (run,) = client.search_runs([experiment.experiment_id])
+    keys = set(run.data.metrics)
+    assert any(k.startswith("system/node0/") for k in keys), sorted(keys)
+    assert any(k.startswith("system/node1/") for k in keys), sorted(keys)
+    assert run.data.tags["world_size"] == "2"
