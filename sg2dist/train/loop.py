@@ -222,6 +222,7 @@ def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
         autocast=accelerator.autocast,
         reduce_mean=reduce_mean,
         scaler=accelerator.scaler,
+        mbstd_group=cfg.model.mbstd_group,
     )
 
 

@@ -52,6 +52,42 @@ def d_fake_loss(G_net, D_ddp, gen_z, gen_c, style_mixing_prob: float):
     return loss, {"loss_D_fake": loss.detach(), "D_fake": gen_logits.detach().mean()}
 
 
+def can_combine_d_calls(batch: int, mbstd_group: int) -> bool:
+    """Whether fakes and reals can share one D call with the groups of two separate calls."""
+    return batch >= mbstd_group and batch % mbstd_group == 0
+
+
+def d_main_loss(
+    G_net, D_ddp, real_img, real_c, gen_z, gen_c, style_mixing_prob: float, mbstd_group: int
+):
+    """D's logistic loss on fakes and reals in ONE D call (half the kernel launches).
+
+    Minibatch stddev groups sample i with i + N/G, i + 2N/G, ...; interleaving the two
+    halves per group keeps every group all-fake or all-real, exactly the groups that two
+    separate calls would form, so the result equals d_fake_loss + d_real_loss.
+    """
+    with torch.no_grad():
+        gen_img = G_net(gen_z, gen_c, style_mixing_prob=style_mixing_prob, update_emas=True)
+    n, G = len(real_img), mbstd_group
+
+    def interleave(fake, real):  # [n, ...] x 2 -> [2n, ...], groups stay pure
+        both = torch.stack(
+            [fake.reshape(G, n // G, *fake.shape[1:]), real.reshape(G, n // G, *real.shape[1:])],
+            dim=1,
+        )
+        return both.reshape(2 * n, *fake.shape[1:])
+
+    logits = D_ddp(interleave(gen_img, real_img), interleave(gen_c, real_c))
+    logits = logits.reshape(G, 2, n // G)
+    gen_logits, real_logits = logits[:, 0].reshape(n), logits[:, 1].reshape(n)
+    loss_fake, loss_real = F.softplus(gen_logits).mean(), F.softplus(-real_logits).mean()
+    stats = {
+        "loss_D_fake": loss_fake.detach(), "D_fake": gen_logits.detach().mean(),
+        "loss_D_real": loss_real.detach(), "D_real": real_logits.detach().mean(),
+    }  # fmt: skip
+    return loss_fake + loss_real, stats
+
+
 def d_real_loss(D_ddp, real_img, real_c):
     """D's logistic loss on reals, softplus(-D(x)).
 

@@ -83,6 +83,7 @@ class StepContext:
     autocast: callable  # accelerator.autocast() -> context
     reduce_mean: callable  # tensor -> mean over ranks
     scaler: torch.amp.GradScaler | None = None  # fp16 only
+    mbstd_group: int = 4  # D's minibatch-stddev group (model.mbstd_group)
     pl_mean: float = 0.0
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
@@ -111,6 +112,12 @@ def _phase_passes(ctx: StepContext, nets: Nets, phase: Phase, real_img, real_c, 
 
         return [greg]
     if phase.name == "Dmain":
+        if L.can_combine_d_calls(len(real_img), ctx.mbstd_group):
+            return [
+                lambda: L.d_main_loss(
+                    nets.G_net, nets.D_ddp, real_img, real_c, gen_z, gen_c, mix, ctx.mbstd_group
+                )
+            ]
         return [
             lambda: L.d_fake_loss(nets.G_net, nets.D_ddp, gen_z, gen_c, mix),
             lambda: L.d_real_loss(nets.D_ddp, real_img, real_c),

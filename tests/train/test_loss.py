@@ -98,3 +98,31 @@ def test_logistic_losses_are_softplus_of_the_logits():
     loss, stats = L.d_real_loss(ConstD(), real, torch.zeros(2, 0))
     assert torch.allclose(loss, torch.nn.functional.softplus(torch.tensor(-1.5)))
     assert torch.allclose(stats["D_real"], torch.tensor(1.5))
+
+
+def test_one_d_call_on_fakes_and_reals_equals_two_separate_calls():
+    from sg2dist.config import load_config
+    from sg2dist.model import build_networks
+
+    cfg = load_config(None, ["model.resolution=8", "model.channel_base=64", "model.channel_max=16",
+                             "model.z_dim=8", "model.w_dim=8", "model.map_layers=1"])  # fmt: skip
+    torch.manual_seed(0)
+    G, D = build_networks(cfg.model)
+    real, z, c = torch.randn(8, 3, 8, 8), torch.randn(8, 8), torch.zeros(8, 0)
+
+    def grads_of(losses):
+        D.zero_grad()
+        for loss in losses:
+            loss.backward()
+        return [p.grad.clone() for p in D.parameters()]
+
+    torch.manual_seed(1)  # the same noise inputs for G in both calls
+    combined, stats = L.d_main_loss(G, D, real, c, z, c, 0.0, mbstd_group=4)
+    torch.manual_seed(1)
+    fake_loss, _ = L.d_fake_loss(G, D, z, c, 0.0)
+    real_loss, real_stats = L.d_real_loss(D, real, c)
+    assert torch.allclose(combined, fake_loss + real_loss, atol=1e-6)
+    assert torch.allclose(stats["D_real"], real_stats["D_real"], atol=1e-6)
+    for a, b in zip(grads_of([combined]), grads_of([fake_loss, real_loss]), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert L.can_combine_d_calls(8, 4) and not L.can_combine_d_calls(2, 4)
