@@ -56,6 +56,7 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, 
 from sg2dist import storage
 from sg2dist.config import Config, ModelConfig
 from sg2dist.errors import UserError
+from sg2dist.images import to_uint8, z_from_seeds
 
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"key|secret|token|passw|credential|auth", re.IGNORECASE)
@@ -503,7 +504,7 @@ def _latents_from_rows(G: torch.nn.Module, rows: Any) -> np.ndarray:
         return z
     if "seed" not in rows.columns:
         raise ValueError("give one column 'seed' (int) or 'z' (list of floats) per image")
-    return np.stack([np.random.RandomState(int(seed)).randn(G.z_dim) for seed in rows["seed"]])
+    return z_from_seeds([int(seed) for seed in rows["seed"]], G.z_dim).numpy()
 
 
 def _generate_images(
@@ -529,8 +530,7 @@ def _generate_images(
     img_NCHW = torch.empty(len(rows), *images[0][1].shape[1:], device=device)
     for index, part in images:
         img_NCHW[index] = part.float()
-    img_uint8 = (img_NCHW * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    return img_uint8.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(img_NCHW)
 
 
 def _generator_signature(model_cfg: ModelConfig) -> ModelSignature:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import io
 import os
 import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,13 +27,13 @@ from accelerate.utils import (
     broadcast_object_list,
     gather_object,
 )
-from PIL import Image
 from tqdm import tqdm
 
 from sg2dist import __version__, storage
 from sg2dist.config import Config, dump_config, parse_grid
 from sg2dist.data import build_loader, check_resolution, ensure_digits_dataset, open_manifest
 from sg2dist.errors import UserError
+from sg2dist.images import tile_grid, to_uint8, write_png, z_from_seeds
 from sg2dist.model import build_networks
 from sg2dist.train import checkpoint as ckpt
 from sg2dist.train.loss import lazy_adam_hparams
@@ -80,7 +79,7 @@ class Session:
     tracker: Any
     stop_requested: bool = False
     bar: Any = None  # tqdm progress bar (disabled off-terminal and on other ranks)
-    timers: dict[str, float] = field(default_factory=lambda: {"data_wait": 0.0})
+    data_wait_s: float = 0.0  # seconds spent waiting for batches since the last tick
 
     @property
     def is_main(self) -> bool:
@@ -118,7 +117,7 @@ def train(cfg: Config, *, resume: str = "auto", init_from: str = "") -> int:
             report_tick(session, time.time() - tick_start_time)
             tick_start_time = time.time()
         if session.progress.cur_nimg >= session.progress.next_snapshot_nimg or done or stop:
-            snapshot(session, final=done or stop)
+            snapshot(session)
         if done or stop:
             break
     session.bar.close()
@@ -445,7 +444,7 @@ def next_micro_batches(session: Session):
         session.stream_state.update(batch)
         img = batch.img_NCHW.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1
         micro_batches.append((img, batch.c.to(device, non_blocking=True)))
-    session.timers["data_wait"] += time.time() - start
+    session.data_wait_s += time.time() - start
     return micro_batches
 
 
@@ -518,24 +517,23 @@ def report_tick(session: Session, tick_seconds: float) -> None:
         img_per_s=tick_nimg / max(tick_seconds, 1e-9),
         pl_mean=session.ctx.pl_mean,
         skipped_steps=session.ctx.skipped_steps,
-        data_wait_frac=session.timers["data_wait"] / max(tick_seconds, 1e-9),
+        data_wait_frac=session.data_wait_s / max(tick_seconds, 1e-9),
         corrupt_samples=session.stream_state.corrupt_samples,
         **peak_memory_gb(session.accelerator.device),
     )
-    session.timers["data_wait"] = 0.0
+    session.data_wait_s = 0.0
     p.cur_tick += 1
     p.tick_start_nimg = p.cur_nimg
     session.on_main(print_tick, metrics, session.bar)
     session.on_main(session.tracker.log_metrics, metrics, step=p.cur_nimg)
 
 
-def snapshot(session: Session, *, final: bool) -> None:
+def snapshot(session: Session) -> None:
     """Sample grid (main process) and a checkpoint (all ranks take part)."""
     p = session.progress
     if p.cur_nimg >= p.next_snapshot_nimg:
-        p.next_snapshot_nimg += snapshot_nimg(session.cfg) * (
-            1 + (p.cur_nimg - p.next_snapshot_nimg) // snapshot_nimg(session.cfg)
-        )
+        period = snapshot_nimg(session.cfg)
+        p.next_snapshot_nimg = (p.cur_nimg // period + 1) * period
     session.on_main(save_grid, session)
     maybe_compute_metrics(session)
     folder = save(session)
@@ -584,35 +582,22 @@ def render_grid(G, grid: str, device) -> np.ndarray:
     """A grid image (HWC uint8) of G's images for fixed seeds 0..cols*rows-1."""
     cols, rows = parse_grid(grid)
     n = cols * rows
-    z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in range(n)]))
+    z = z_from_seeds(list(range(n)), G.z_dim)
     c = torch.zeros(n, G.c_dim)
     if G.c_dim > 0:
         c[torch.arange(n), torch.arange(n) % G.c_dim] = 1
-    images = []
-    for start in range(0, n, 16):
-        img = G(
-            z[start : start + 16].float().to(device),
-            c[start : start + 16].to(device),
-            noise_mode="const",
-        )
-        images.append((img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu())
-    img = torch.cat(images)  # [n, C, H, W]
-    _, C, H, W = img.shape
-    img = img.reshape(rows, cols, C, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, cols * W, C)
-    return img.numpy()
-
-
-def encode_png(img_HWC: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(img_HWC.squeeze(2) if img_HWC.shape[2] == 1 else img_HWC).save(buffer, "PNG")
-    return buffer.getvalue()
+    images = [
+        to_uint8(G(z[i : i + 16].to(device), c[i : i + 16].to(device), noise_mode="const"))
+        for i in range(0, n, 16)
+    ]
+    return tile_grid(np.concatenate(images), cols, rows)
 
 
 def save_grid(session: Session) -> None:
     img = render_grid(session.nets.G_ema, session.cfg.run.grid, session.accelerator.device)
     # Named by images shown, like the checkpoint folders: unique even for sub-kimg snapshots.
     url = storage.join(session.cfg.run.dir, "grids", f"fakes-{session.progress.cur_nimg:012d}.png")
-    storage.write_bytes(url, encode_png(img))
+    write_png(url, img)
     session.tracker.log_image(img, key="fakes", step=session.progress.cur_nimg)
 
 
@@ -653,7 +638,10 @@ def print_tick(metrics: dict[str, float], bar) -> None:
     parts += [f"{k} {v:.2f}" for k, v in metrics.items() if k.startswith("peak_")]
     line = "  ".join(parts)
     # On a terminal the line goes above the progress bar; in logs it is a plain line.
-    bar.write(line) if not bar.disable else print(line, flush=True)
+    if bar.disable:
+        print(line, flush=True)
+    else:
+        bar.write(line)
 
 
 def make_progress_bar(session: Session, total_nimg: int):

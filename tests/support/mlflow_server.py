@@ -18,16 +18,13 @@ database across restarts:
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.s3 import LOCAL_STACK, READY_LINE, SeaweedFS
+from support.s3 import LOCAL_STACK, SeaweedFS, read_local_stack_exports
 
 
 class MlflowServer:
@@ -73,28 +70,10 @@ class MlflowServer:
         return self
 
     def _read_exports(self, timeout_s: float) -> dict[str, str]:
-        """The export lines local-stack prints before its ready line."""
-        assert self._process is not None and self._process.stdout is not None
-        # A reader thread, not select(): a buffered readline can swallow the ready line.
-        lines: queue.Queue[str] = queue.Queue()
-        stdout = self._process.stdout
-        threading.Thread(
-            target=lambda: [lines.put(line) for line in stdout] + [lines.put("")], daemon=True
-        ).start()
-        exports: dict[str, str] = {}
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if not line:  # local-stack exited before it was ready
-                break
-            if line.startswith("export "):
-                key, _, value = line[len("export ") :].strip().partition("=")
-                exports[key] = value
-            elif line.startswith(READY_LINE):
-                return exports
+        assert self._process is not None
+        exports = read_local_stack_exports(self._process, timeout_s)
+        if exports is not None:
+            return exports
         self.stop()
         log = Path(self.workdir, "mlflow.log")
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""

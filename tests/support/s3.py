@@ -35,6 +35,33 @@ READY_LINE = "# local-stack ready"
 DEFAULT_BUCKET = "sg2dist-test"
 
 
+def read_local_stack_exports(process: subprocess.Popen, timeout_s: float) -> dict[str, str] | None:
+    """The export lines `local-stack` prints before its ready line; None if it exited or
+    was not ready within `timeout_s`."""
+    assert process.stdout is not None
+    # A reader thread, not select(): a buffered readline can swallow the ready line.
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = process.stdout
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in stdout] + [lines.put("")], daemon=True
+    ).start()
+    exports: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if not line:  # local-stack exited before it was ready
+            return None
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].strip().partition("=")
+            exports[key] = value
+        elif line.startswith(READY_LINE):
+            return exports
+    return None
+
+
 class SeaweedFS:
     """One SeaweedFS S3 gateway run by launch/local-stack in `workdir`."""
 
@@ -83,25 +110,9 @@ class SeaweedFS:
         return self
 
     def _read_exports(self, timeout_s: float) -> dict[str, str]:
-        """Parse the export lines local-stack prints before its ready line."""
-        assert self._process is not None and self._process.stdout is not None
-        lines: queue.Queue[str] = queue.Queue()
-        stdout = self._process.stdout
-        threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
-        exports: dict[str, str] = {}
-        deadline = time.monotonic() + timeout_s
-        while self._process.poll() is None or not lines.empty():
-            try:
-                line = lines.get(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    break
-                continue
-            if line.startswith("export "):
-                key, _, value = line[len("export ") :].strip().partition("=")
-                exports[key] = value
-            elif line.startswith(READY_LINE):
-                return exports
+        exports = read_local_stack_exports(self._process, timeout_s)
+        if exports is not None:
+            return exports
         self.stop()
         log = Path(self.workdir, "seaweedfs.log")
         tail = log.read_text()[-2000:] if log.exists() else ""
