@@ -35,6 +35,7 @@ from sg2dist.data import build_loader, check_resolution, ensure_digits_dataset, 
 from sg2dist.errors import UserError
 from sg2dist.images import tile_grid, to_uint8, write_png, z_from_seeds
 from sg2dist.model import build_networks
+from sg2dist.model.layers import use_conv_layout_
 from sg2dist.train import checkpoint as ckpt
 from sg2dist.train.loss import lazy_adam_hparams
 from sg2dist.train.step import Nets, StepContext, collect_stats, phase_table, train_step, update_ema
@@ -184,6 +185,7 @@ def local_runs_root(cfg: Config) -> str:
 def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_networks(cfg.model)
+    G, D = use_conv_layout_(G, accelerator.device), use_conv_layout_(D, accelerator.device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False).to(accelerator.device)
     t = cfg.train
     g_lr, g_betas = lazy_adam_hparams(t.g_lr, t.betas, t.pl_interval if t.pl_weight > 0 else 0)

@@ -5,6 +5,7 @@ import torch
 
 from sg2dist.model import count_params
 from sg2dist.model.discriminator import MinibatchStd
+from sg2dist.model.layers import use_conv_layout_
 
 
 def latents(G, n: int, seed: int = 0):
@@ -182,3 +183,21 @@ def test_fused_modconv_generator_matches_the_per_sample_form(small_nets):
         fused = G(z, c, noise_mode="const", fused_modconv=True)
         per_sample = G(z, c, noise_mode="const", fused_modconv=False)
     assert (fused - per_sample).abs().max() < 1e-5
+
+
+def test_channels_last_weights_on_cpu_give_the_same_outputs_and_gradients(small_nets):
+    G_plain, D_plain = small_nets()
+    G_cl, D_cl = small_nets()
+    use_conv_layout_(G_cl, torch.device("cpu"))
+    use_conv_layout_(D_cl, torch.device("cpu"))
+    conv_weight = G_cl.synthesis.blocks["b16"].conv1.weight
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv_weight.is_contiguous()
+
+    z, c = latents(G_plain, 4)
+    grads = []
+    for G, D in ((G_plain, D_plain), (G_cl, D_cl)):
+        D(G(z, c, noise_mode="const"), c).sum().backward()
+        grads.append([p.grad for p in (*G.parameters(), *D.parameters())])
+    for plain, channels_last in zip(*grads, strict=True):
+        torch.testing.assert_close(channels_last, plain, rtol=1e-5, atol=1e-6)
