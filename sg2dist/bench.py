@@ -31,7 +31,7 @@ from sg2dist import storage
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", help="dataset: local folder or s3://bucket/prefix")
     parser.add_argument("--batch", type=int, default=32, help="batch_gpu (default 32)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="data worker processes (default 2)")
     parser.add_argument("--batches", type=int, default=50, help="batches timed (default 50)")
     parser.add_argument(
         "--warmup", type=int, default=5, help="batches before timing (worker start-up; default 5)"
@@ -57,7 +57,7 @@ class _Rate:
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and its children alive now (the DataLoader workers)."""
+    """CPU time of this process and its children alive now (the data workers)."""
     processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
     total = 0.0
     for process in processes:

@@ -86,7 +86,7 @@ class ModelConfig:
 class DataConfig:
     url: str = ""  # local folder or s3://bucket/prefix holding dataset.json; "" = built-in digits
     mirror: bool = False  # random x-flips
-    workers: int = 2  # DataLoader worker processes per rank
+    workers: int = 2  # data worker processes per rank (0: decode in the trainer process)
     shuffle_buffer: int = 256  # samples; the buffer never spans shards (keeps resume exact)
     use_labels: bool = False  # condition on the dataset's labels (sets model.c_dim)
 

@@ -129,7 +129,7 @@ def s3_client() -> Any:
 
     Building a client costs ~0.1 s (a new botocore session loads its service
     models), so one is kept per process and environment; the process id in the key
-    gives every forked DataLoader worker its own, as boto3 clients must not cross a
+    gives every forked data worker its own, as boto3 clients must not cross a
     fork. Clients are thread-safe once built.
     """
     settings = tuple(os.environ.get(name) for name in _CLIENT_ENV_VARS)

@@ -130,12 +130,51 @@ def convert_image(data: bytes, settings: ConvertSettings, name: str) -> bytes:
 
 def decode_sample(data: bytes, resolution: int, channels: int) -> np.ndarray:
     """Shard image bytes -> uint8 array [C, R, R]; ValueError if not what the manifest says."""
+    out = np.empty((channels, resolution, resolution), np.uint8)
+    decode_into(data, out, flip=False)
+    return out
+
+
+# From this size on, RGB images are split into planes by PIL's raw encoder, one band at a
+# time; below it numpy's HWC -> CHW transpose is cheaper than three encoder calls. Measured
+# per image: 64 px 16.6 us (bands) vs 10.6 us (transpose); 128 px 22 vs 27; 256 px 45 vs 95.
+BANDS_MIN_RESOLUTION = 128
+
+
+def decode_into(data: bytes, out: np.ndarray, *, flip: bool) -> None:
+    """Decode shard image bytes into `out` (uint8 [C, R, R]), mirrored left-right if `flip`.
+
+    ValueError if the bytes are not an image of the shape `out` expects; `out` is then
+    left as it was. Writing straight into the caller's batch slot saves a copy per image.
+    """
+    channels, resolution = out.shape[0], out.shape[1]
+    planes = None
     try:
         with Image.open(io.BytesIO(data)) as img:
-            pixels = np.asarray(img)
+            img.load()
+            square = img.size == (resolution, resolution)
+            if square and img.mode == ("L" if channels == 1 else "RGB"):
+                if channels == 3 and resolution >= BANDS_MIN_RESOLUTION:
+                    _rgb_planes_into(img, out, flip)
+                    return
+                # What np.asarray(img) gives, minus its slower path (~2 us at 64 px).
+                pixels = np.frombuffer(img.tobytes(), np.uint8)
+                planes = pixels.reshape(resolution, resolution, channels).transpose(2, 0, 1)
+            else:
+                pixels = np.asarray(img)  # not what the manifest says, probably: checked below
     except Exception as exc:  # any decoder failure means a corrupt sample
         raise ValueError(_stable_reason(exc)) from None
-    expected = (resolution, resolution) if channels == 1 else (resolution, resolution, 3)
-    if pixels.shape != expected or pixels.dtype != np.uint8:
-        raise ValueError(f"image is {pixels.shape} {pixels.dtype}, expected {expected} uint8")
-    return pixels[np.newaxis] if channels == 1 else pixels.transpose(2, 0, 1)
+    if planes is None:
+        expected = (resolution, resolution) if channels == 1 else (resolution, resolution, 3)
+        if pixels.shape != expected or pixels.dtype != np.uint8:
+            raise ValueError(f"image is {pixels.shape} {pixels.dtype}, expected {expected} uint8")
+        planes = pixels[np.newaxis] if channels == 1 else pixels.transpose(2, 0, 1)
+    out[...] = planes[:, :, ::-1] if flip else planes
+
+
+def _rgb_planes_into(img: Image.Image, out: np.ndarray, flip: bool) -> None:
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for band, name in enumerate("RGB"):
+        plane = np.frombuffer(img.tobytes("raw", name), np.uint8)
+        out[band] = plane.reshape(out.shape[1:])

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import tarfile
+import time
 from itertools import islice
 
+import psutil
 import pytest
 import torch
 
@@ -69,12 +72,69 @@ def test_workers_zero_runs_in_process_and_equals_one_worker(stream_dataset):
     assert _same_batches(in_process, one_worker)
 
 
-def test_batches_sent_through_shared_memory_equal_in_process_ones(stream_dataset, monkeypatch):
-    monkeypatch.setattr(stream, "SHARED_MEMORY_MIN_BYTES", 0)  # forked workers inherit it
-    shared = list(islice(_loader(stream_dataset, workers=1), 4))
-    in_process = list(islice(_loader(stream_dataset, workers=0), 4))
-    assert _same_batches(shared, in_process)
-    assert shared[0].img_NCHW.is_shared() and not in_process[0].img_NCHW.is_shared()
+def test_batches_kept_while_ring_slots_are_reused_equal_in_process_ones(stream_dataset):
+    # Far more batches than ring slots, all kept: a reused slot must not change a batch
+    # already handed out, so each Batch owns a private copy of its images.
+    count = 4 * stream.RING_SLOTS
+    from_ring = list(islice(_loader(stream_dataset, workers=1), count))
+    in_process = list(islice(_loader(stream_dataset, workers=0), count))
+    assert _same_batches(from_ring, in_process)
+    assert not any(batch.img_NCHW.is_shared() for batch in from_ring)
+
+
+def _data_workers() -> list[psutil.Process]:
+    """This process's forked children (a forked worker keeps the command line)."""
+    me = psutil.Process()
+    return [p for p in me.children() if p.cmdline() == me.cmdline()]
+
+
+def test_closing_the_loader_stops_its_worker_processes(stream_dataset):
+    loader = _loader(stream_dataset, workers=2)
+    next(loader)
+    workers = _data_workers()
+    assert len(workers) == 2
+    loader.close()
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+@pytest.mark.timeout(60)
+def test_workers_end_on_sigterm_even_when_the_trainer_handles_it(stream_dataset):
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's stop flag
+    try:
+        loader = _loader(stream_dataset, workers=2)
+        next(loader)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    workers = _data_workers()
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        w.status() != psutil.STATUS_ZOMBIE for w in workers
+    ):  # ended, not yet reaped
+        time.sleep(0.05)
+    assert all(w.status() == psutil.STATUS_ZOMBIE for w in workers)
+    loader.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_dies_is_a_clear_error_not_a_hang(stream_dataset):
+    loader = _loader(stream_dataset, workers=2)
+    next(loader)
+    for worker in _data_workers():
+        worker.kill()
+    with pytest.raises(RuntimeError, match=r"data worker \d \(pid \d+\) exited unexpectedly"):
+        for _ in islice(loader, 100):
+            pass
+
+
+def test_an_unexpected_worker_exception_reaches_the_main_process(stream_dataset, monkeypatch):
+    def broken(data, out, *, flip):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(stream, "decode_into", broken)  # forked workers inherit it
+    with pytest.raises(RuntimeError, match="(?s)in data worker 0.*decoder bug"):
+        next(_loader(stream_dataset, workers=1))
 
 
 def test_batches_are_uint8_images_with_one_hot_labels_and_flips_follow_the_seed(stream_dataset):

@@ -14,7 +14,8 @@ import pytest
 import torch
 from support.s3 import SeaweedFS
 
-from sg2dist.data import build_loader
+from sg2dist import storage
+from sg2dist.data import build_loader, shards, stream
 from sg2dist.data.imageops import ConvertSettings
 from sg2dist.data.prepare import prepare_dataset
 from sg2dist.errors import UserError
@@ -115,3 +116,36 @@ def test_stream_recovers_when_the_server_comes_back_and_loses_no_batch(
 
     assert [b.keys for b in batches] == [b.keys for b in reference]
     assert all(torch.equal(a.img_NCHW, b.img_NCHW) for a, b in zip(batches, reference, strict=True))
+
+
+@pytest.mark.timeout(120)
+def test_shards_opened_ahead_give_the_batches_of_shards_opened_in_turn(
+    s3_env, tmp_path, kit, monkeypatch
+):
+    url = _prepare_to(s3_env.url + "/ahead", tmp_path, kit)
+    opened_ahead = []  # for each pre-opened shard the reader took: did its open succeed
+
+    class CountingOpenAhead(shards.OpenAhead):
+        def take(self):
+            taken = super().take()
+            opened_ahead.append(taken is not None)
+            return taken
+
+    monkeypatch.setattr(stream, "OpenAhead", CountingOpenAhead)  # counted with workers=0
+    ahead = {w: list(islice(_loader(url, workers=w, mirror=True), 30)) for w in (0, 2)}
+    assert len(opened_ahead) >= 20 and all(opened_ahead)  # 150 samples: ~25 shard visits
+
+    monkeypatch.setattr(stream, "OPEN_AHEAD_MAX_BYTES", 0)  # every shard opened in turn
+    for workers in (0, 2):
+        in_turn = list(islice(_loader(url, workers=workers, mirror=True), 30))
+        assert [b.keys for b in ahead[workers]] == [b.keys for b in in_turn]
+        pairs = zip(ahead[workers], in_turn, strict=True)
+        assert all(torch.equal(a.img_NCHW, b.img_NCHW) for a, b in pairs)
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_open_ahead_leaves_the_error_to_the_normal_read(s3_env):
+    missing = s3_env.url + "/absent-000000.tar"
+    ahead = shards.OpenAhead(missing, storage.s3_client())
+    with pytest.raises(UserError, match=f"{missing} does not exist"):
+        next(shards.read_shard(missing, ahead=ahead))
