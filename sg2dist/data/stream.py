@@ -181,13 +181,14 @@ class _BatchRing:
         self.images = torch.empty((RING_SLOTS, *shape), dtype=torch.uint8).share_memory_()
         self._free = [context.Semaphore(1) for _ in range(RING_SLOTS)]
         self._next = 0  # the worker's next slot (only the worker uses it)
-        self._owner = os.getpid()
 
     def acquire(self) -> int:
         """In the worker: the next slot, once the main process has copied out its last batch."""
         slot = self._next
         while not self._free[slot].acquire(timeout=WORKER_CHECK_S):
-            if os.getppid() != self._owner:  # the main process is gone; nobody will free it
+            # parent_process(), not getppid(): under forkserver (Python 3.14's default) the
+            # OS parent is the server, not the trainer.
+            if not mp.parent_process().is_alive():  # the trainer is gone; nobody frees it
                 raise SystemExit(0)
         self._next = (slot + 1) % RING_SLOTS
         return slot

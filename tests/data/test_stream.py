@@ -82,6 +82,24 @@ def test_batches_kept_while_ring_slots_are_reused_equal_in_process_ones(stream_d
     assert not any(batch.img_NCHW.is_shared() for batch in from_ring)
 
 
+@pytest.mark.timeout(120)
+def test_workers_started_by_forkserver_survive_a_consumer_slower_than_their_ring(
+    stream_dataset, monkeypatch
+):
+    # Under forkserver (Python 3.14's default start method) a worker's OS parent is the
+    # fork server, not this process; a worker waiting on a full ring must still wait.
+    forkserver = stream.mp.get_context("forkserver")
+    monkeypatch.setattr(stream.mp, "get_context", lambda *_: forkserver)
+    slow = _loader(stream_dataset, workers=1)
+    batches = []
+    for batch in islice(slow, stream.RING_SLOTS + 2):
+        batches.append(batch)
+        time.sleep(1.5 * stream.WORKER_CHECK_S if len(batches) == 1 else 0)
+    slow.close()
+    in_process = list(islice(_loader(stream_dataset, workers=0), len(batches)))
+    assert _same_batches(batches, in_process)
+
+
 def _data_workers() -> list[psutil.Process]:
     """This process's forked children (a forked worker keeps the command line)."""
     me = psutil.Process()
