@@ -35,7 +35,7 @@ _Yaml12Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Yaml12Loader)  # safe: a SafeLoader subclass
 
 
 class ConfigError(UserError):
@@ -307,19 +307,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set '{pair}' is not KEY=VALUE; write e.g. --set train.batch=64")
         overrides[key.strip()] = load_yaml(text) if text else ""
     return overrides
-
-
-def add_config_arguments(parser) -> None:
-    """--config FILE and repeatable --set KEY=VALUE, shared by every command that takes a config."""
-    parser.add_argument("--config", help="YAML config file (defaults: the paper's config F)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set train.batch=64 (repeatable)",
-    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 from sg2dist import storage
 from sg2dist.data import iter_images, open_manifest
 from sg2dist.errors import UserError
+from sg2dist.sampling import one_hot, to_uint8_nchw
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_BYTES = 95_628_359
@@ -227,11 +228,11 @@ def _generated_batches(
         with torch.no_grad():
             torch.manual_seed(batch_index)  # also seeds G's per-layer noise
             z = torch.randn([n, G.z_dim], device=device)
-            c = torch.zeros([n, G.c_dim], device=device)
+            class_idx = torch.zeros(n, dtype=torch.int64, device=device)
             if G.c_dim > 0:
-                c[torch.arange(n), torch.randint(G.c_dim, (n,), device=device)] = 1
-            img = G(z, c, noise_mode="random")
-        yield batch_index, (img.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+                class_idx = torch.randint(G.c_dim, (n,), device=device)
+            img = G(z, one_hot(class_idx, G.c_dim), noise_mode="random")
+        yield batch_index, to_uint8_nchw(img)
 
 
 def _features(

@@ -23,24 +23,19 @@ across ranks, then workers (as webdataset's split_by_node / split_by_worker do),
 each sample at most once, and every rank truncated to the same number of batches
 (from the manifest's shard counts) so DDP never waits on a rank that ran out.
 
-Workers are plain processes that decode into shared-memory rings (see _WorkerPool and
-_BatchRing for why not a torch DataLoader). The loader must not go through
-`accelerator.prepare`, which would re-shard batches that are already per rank.
+Workers are plain processes that decode into shared-memory rings (workers.py says why not
+a torch DataLoader). The loader must not go through `accelerator.prepare`, which would
+re-shard batches that are already per rank.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import multiprocessing as mp
-import os
 import random
-import signal
-import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -52,13 +47,13 @@ from sg2dist import storage
 from sg2dist.data.imageops import decode_into
 from sg2dist.data.manifest import Manifest, open_manifest
 from sg2dist.data.shards import OpenAhead, image_key, read_shard
+from sg2dist.data.workers import BatchRing, WorkerBatch, WorkerFailure, WorkerPool
 from sg2dist.errors import UserError
+from sg2dist.sampling import one_hot
 
 log = logging.getLogger(__name__)
 
-RING_SLOTS = 3  # batches a worker may have ready ahead of the main process (see _BatchRing)
 OPEN_AHEAD_MAX_BYTES = 64 << 20  # s3:// shards up to this size are opened a visit ahead
-WORKER_CHECK_S = 1.0  # how often a waiting process checks that the other side still lives
 
 
 @dataclass
@@ -136,77 +131,16 @@ class _Spec:
     epoch: int | None  # None = resampled (infinite); else one epoch with this number
 
 
-@dataclass
-class _WorkerBatch:
-    """A batch as it leaves a worker for the main process."""
-
-    img_NCHW: np.ndarray | None  # noqa: N815 - uint8 [N, C, R, R]; None: in ring slot `slot`
-    slot: int  # the worker's ring slot holding the images; -1 in process
-    labels: np.ndarray  # int64 [N]
-    keys: list[str]
-    worker: int
-    position: tuple[int, int]
-    corrupt: int
-
-
-@dataclass
-class _WorkerFailure:
-    """A UserError raised in a worker, carried to the main process as one line."""
-
-    message: str
-
-
 def _rng(spec: _Spec, worker: int, visit: int, purpose: str) -> random.Random:
     # String seeds are hashed with SHA-512 by `random`: stable across runs and platforms.
     epoch = "" if spec.epoch is None else f"/epoch{spec.epoch}"
     return random.Random(f"{spec.seed}/{spec.rank}/{worker}/{visit}{epoch}/{purpose}")
 
 
-class _BatchRing:
-    """Shared-memory batch slots of one worker stream, made once and reused batch after batch.
-
-    How images reach the main process decides much of the loader's cost. Pickling an array
-    copies it about four times; a fresh shared-memory tensor per batch costs its creation,
-    an fd hand-over and a page fault per 4 KiB in both processes (measured: ~190 us per
-    256 px image, a fifth of its decode time). A ring made once by the main process (the
-    worker inherits it) costs one copy: the worker decodes straight into a slot, the main
-    process copies the batch out and frees the slot.
-
-    Each slot has a semaphore: the worker takes it before filling the slot, the main process
-    gives it back after the copy, so a batch is never overwritten before it was taken. This
-    is also the back-pressure: a worker runs at most RING_SLOTS batches ahead.
-    """
-
-    def __init__(self, shape: tuple[int, ...], context: Any) -> None:
-        self.images = torch.empty((RING_SLOTS, *shape), dtype=torch.uint8).share_memory_()
-        self._free = [context.Semaphore(1) for _ in range(RING_SLOTS)]
-        self._next = 0  # the worker's next slot (only the worker uses it)
-
-    def acquire(self) -> int:
-        """In the worker: the next slot, once the main process has copied out its last batch."""
-        slot = self._next
-        while not self._free[slot].acquire(timeout=WORKER_CHECK_S):
-            # parent_process(), not getppid(): under forkserver (Python 3.14's default) the
-            # OS parent is the server, not the trainer.
-            if not mp.parent_process().is_alive():  # the trainer is gone; nobody frees it
-                raise SystemExit(0)
-        self._next = (slot + 1) % RING_SLOTS
-        return slot
-
-    def take_out(self, slot: int, pin_memory: bool) -> torch.Tensor:
-        """In the main process: a private copy of the batch in `slot`; frees the slot."""
-        img = torch.empty(self.images.shape[1:], dtype=torch.uint8, pin_memory=pin_memory)
-        # numpy, not Tensor.copy_: torch spreads the copy over its OpenMP threads, which then
-        # spin-wait (measured: 300 us of CPU per 64 px image on 2 cores).
-        np.copyto(img.numpy(), self.images[slot].numpy())
-        self._free[slot].release()
-        return img
-
-
 class _BatchBuilder:
     """Collects decoded samples of one worker into batches of batch_gpu."""
 
-    def __init__(self, spec: _Spec, worker: int, corrupt: int, ring: _BatchRing | None) -> None:
+    def __init__(self, spec: _Spec, worker: int, corrupt: int, ring: BatchRing | None) -> None:
         self.spec = spec
         self.worker = worker
         self.corrupt = corrupt
@@ -255,10 +189,10 @@ class _BatchBuilder:
     def full(self) -> bool:
         return len(self._keys) == self.spec.batch_gpu
 
-    def take(self, position: tuple[int, int]) -> _WorkerBatch:
+    def take(self, position: tuple[int, int]) -> WorkerBatch:
         """The full batch (its buffers are handed over, not copied)."""
         img = self._img if self.ring is None else None
-        batch = _WorkerBatch(
+        batch = WorkerBatch(
             img, self._slot, self._labels, self._keys, self.worker, position, self.corrupt
         )
         self._new_batch()
@@ -314,8 +248,8 @@ def _visit_shard(spec: _Spec, worker: int, visit: int) -> int:
 
 
 def _resampled_batches(
-    spec: _Spec, worker: int, start: list[int], corrupt: int, client: Any, ring: _BatchRing | None
-) -> Iterator[_WorkerBatch]:
+    spec: _Spec, worker: int, start: list[int], corrupt: int, client: Any, ring: BatchRing | None
+) -> Iterator[WorkerBatch]:
     builder = _BatchBuilder(spec, worker, corrupt, ring)
     reader = _ShardReader(spec, client)
     visit, skip = start
@@ -360,8 +294,8 @@ def _epoch_batch_counts(spec: _Spec) -> list[list[int]]:
 
 
 def _epoch_batches(
-    spec: _Spec, worker: int, client: Any, ring: _BatchRing | None
-) -> Iterator[_WorkerBatch]:
+    spec: _Spec, worker: int, client: Any, ring: BatchRing | None
+) -> Iterator[WorkerBatch]:
     shards = _epoch_shards(spec, spec.rank, worker)
     limit = _epoch_batch_counts(spec)[spec.rank][worker]
     builder = _BatchBuilder(spec, worker, 0, ring)
@@ -389,15 +323,15 @@ def _epoch_batches(
 
 
 class _WorkerStreams:
-    """What every worker runs: the batches of one logical worker stream."""
+    """What every worker runs (a workers.BatchStreams): the batches of one logical worker stream."""
 
     def __init__(self, spec: _Spec, state: StreamState | None) -> None:
         self.spec = spec
         self.state = state
 
     def batches(
-        self, loader_worker: int, ring: _BatchRing | None
-    ) -> Iterator[_WorkerBatch | _WorkerFailure]:
+        self, loader_worker: int, ring: BatchRing | None
+    ) -> Iterator[WorkerBatch | WorkerFailure]:
         try:
             # One boto3 client per worker process, created here, after the fork.
             client = storage.s3_client() if storage.is_s3(self.spec.shard_urls[0]) else None
@@ -412,111 +346,7 @@ class _WorkerStreams:
             corrupt = self.state.corrupt[worker] if self.state else 0
             yield from _resampled_batches(self.spec, worker, start, corrupt, client, ring)
         except UserError as exc:
-            yield _WorkerFailure(str(exc))
-
-
-def _worker_main(
-    streams: _WorkerStreams, loader_worker: int, ring: _BatchRing, sender: Connection
-) -> None:
-    """A worker process: batches into its ring, their descriptions to the main process.
-
-    `None` after the last batch ends an epoch-mode worker; an unexpected exception
-    travels as torch's ExceptionWrapper, which re-raises it in the main process with the
-    worker's traceback (as in a DataLoader).
-    """
-    # torchrun and accelerate launch forward SIGTERM to the whole process group; a worker
-    # killed by it makes the trainer fail before it can write its preemption checkpoint.
-    # Workers still end with the trainer: it stops them, and they exit when it dies.
-    os.setpgid(0, 0)
-    # A forked worker inherits the trainer's handlers, which only flag a stop request; the
-    # SIGTERM that stops a worker must end it.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    torch.set_num_threads(1)  # decoding needs no torch threads (as in DataLoader workers)
-    try:
-        for item in streams.batches(loader_worker, ring):
-            sender.send(item)
-        sender.send(None)
-    except (BrokenPipeError, ConnectionResetError):  # the main process is gone
-        return
-    except Exception:  # a bug, not a data problem: show it in the main process
-        sender.send(ExceptionWrapper(where=f"in data worker {loader_worker}"))
-
-
-class _WorkerPool:
-    """The worker processes of one pass over the stream, read in turn: batch k from worker
-    k % W; a worker that finishes (epoch mode) drops out of the turn.
-
-    Plain processes rather than a torch DataLoader: its per-batch protocol (an index
-    queue, feeder threads in both processes, a profiler hook per batch) cost about 15 us
-    of CPU per 64 px image on top of the ring (measured: 171 against 157 us per image in
-    all), a tenth of the decode time. Here a worker sends only a small description of each
-    batch; the images wait in its ring.
-    """
-
-    def __init__(self, streams: _WorkerStreams, workers: int, context: Any) -> None:
-        s = streams.spec
-        shape = (s.batch_gpu, s.channels, s.resolution, s.resolution)
-        self.rings = [_BatchRing(shape, context) for _ in range(workers)]
-        self._receivers: list[Connection] = []
-        self._processes: list[Any] = []
-        # Registered first, so that workers started before a failing start are stopped too.
-        self._finalizer = weakref.finalize(self, _stop_workers, self._processes, self._receivers)
-        for loader_worker, ring in enumerate(self.rings):
-            receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(
-                target=_worker_main,
-                args=(streams, loader_worker, ring, sender),
-                name=f"sg2dist-data-{loader_worker}",
-                daemon=True,  # ends with the main process even if nobody closes the pool
-            )
-            process.start()
-            sender.close()  # the worker's end: with it closed here, a dead worker reads as EOF
-            self._receivers.append(receiver)
-            self._processes.append(process)
-        self._turn = collections.deque(range(workers))
-
-    def next_item(self) -> tuple[int, Any]:
-        """(loader worker, its next item) in turn; StopIteration once every worker ended."""
-        while self._turn:
-            loader_worker = self._turn.popleft()
-            item = self._receive(loader_worker)
-            if item is None:  # this worker's epoch is over: it leaves the turn
-                continue
-            self._turn.append(loader_worker)
-            return loader_worker, item
-        raise StopIteration
-
-    def _receive(self, loader_worker: int) -> Any:
-        receiver, process = self._receivers[loader_worker], self._processes[loader_worker]
-        try:
-            while not receiver.poll(WORKER_CHECK_S):
-                if not process.is_alive():
-                    raise EOFError
-            return receiver.recv()
-        except EOFError:
-            process.join(WORKER_CHECK_S)
-            raise RuntimeError(
-                f"data worker {loader_worker} (pid {process.pid}) exited unexpectedly "
-                f"(exit code {process.exitcode}); see its output above"
-            ) from None
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-def _stop_workers(processes: list[Any], receivers: list[Connection]) -> None:
-    """Stop worker processes (they hold nothing worth a graceful end) and reap them."""
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(WORKER_CHECK_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    for receiver in receivers:
-        receiver.close()
+            yield WorkerFailure(str(exc))
 
 
 class StreamLoader:
@@ -533,7 +363,7 @@ class StreamLoader:
             spec, None if spec.epoch is not None else StreamState.from_dict(state.to_dict())
         )
         self._workers = workers
-        self._pool: _WorkerPool | None = None  # started on the first batch
+        self._pool: WorkerPool | None = None  # started on the first batch
         self._in_process: Iterator[Any] | None = None  # workers=0
         self._delivered = 0
 
@@ -550,7 +380,7 @@ class StreamLoader:
             self.close()
             raise StopIteration
         loader_worker, item = self._next_item()
-        if isinstance(item, _WorkerFailure):
+        if isinstance(item, WorkerFailure):
             self.close()
             raise UserError(item.message)
         if isinstance(item, ExceptionWrapper):
@@ -565,11 +395,13 @@ class StreamLoader:
                 self._in_process = self._streams.batches(0, None)
             return 0, next(self._in_process)
         if self._pool is None:
+            s = self.spec
+            shape = (s.batch_gpu, s.channels, s.resolution, s.resolution)
             # The context that starts the workers also makes the rings' semaphores.
-            self._pool = _WorkerPool(self._streams, self._workers, mp.get_context())
+            self._pool = WorkerPool(self._streams, shape, self._workers, mp.get_context())
         return self._pool.next_item()
 
-    def _to_batch(self, raw: _WorkerBatch, loader_worker: int) -> Batch:
+    def _to_batch(self, raw: WorkerBatch, loader_worker: int) -> Batch:
         pin = self._pin_memory and torch.cuda.is_available()  # faster, asynchronous GPU copies
         if raw.img_NCHW is None:
             assert self._pool is not None
@@ -577,9 +409,7 @@ class StreamLoader:
         else:
             img = torch.from_numpy(raw.img_NCHW)
             img = img.pin_memory() if pin else img
-        c = torch.zeros(len(raw.keys), self.spec.c_dim)
-        if self.spec.c_dim:
-            c[torch.arange(len(raw.keys)), torch.from_numpy(raw.labels)] = 1.0
+        c = one_hot(torch.from_numpy(raw.labels[: len(raw.keys)]), self.spec.c_dim)
         c = c.pin_memory() if pin else c
         return Batch(img, c, raw.keys, raw.worker, raw.position, raw.corrupt)
 

@@ -10,10 +10,17 @@ Layout under `<run.dir>/checkpoints/`:
 A reader trusts a folder only when its meta.json exists and state.pt matches the
 recorded hash, so a process killed mid-write can never leave a checkpoint that
 looks complete. If `latest` names a broken folder, the newest verified one wins.
+
+What a training checkpoint holds is declared here, in one place (`training_contents`,
+`restore_training`): G, D, G_ema, both optimizers, the fp16 gradient scaler, the CPU
+RNG state of every rank (state.pt); the loop counters, pl_mean, skipped steps, every
+rank's data stream position, the MLflow run id and the resolved config (meta.json).
+That is everything needed to continue exactly as if never interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,14 +31,30 @@ from typing import Any
 
 import torch
 
-from sg2dist import storage
+from sg2dist import __version__, storage
 from sg2dist.config import Config, config_from_dict
 from sg2dist.errors import UserError
+from sg2dist.train.step import Nets, StepState
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 POINTER_FILE = "latest"
 FOLDER_PREFIX = "nimg-"
+
+
+FORMAT = 1  # meta.json "format"; bump when a reader can no longer read older folders
+
+
+@dataclass
+class Progress:
+    """Counters of the loop (paper vocabulary), restored from meta.json."""
+
+    cur_nimg: int = 0  # real images shown to D so far
+    cur_tick: int = 0
+    step: int = 0  # training iterations (one global batch each)
+    tick_start_nimg: int = 0
+    next_snapshot_nimg: int = 0
+    metrics_done_period: int = -1  # index of the last metrics.every_kimg period scored
 
 
 @dataclass
@@ -171,3 +194,93 @@ def load_generator(url: str, device: str | torch.device = "cpu"):
     G_ema, _ = build_networks(cfg.model)
     G_ema.load_state_dict(checkpoint.state["G_ema"])
     return G_ema.eval().requires_grad_(False).to(device), cfg, checkpoint.meta
+
+
+# ---------------------------------------------------------------------------- training contents
+
+
+def training_contents(
+    *,
+    nets: Nets,
+    scaler: torch.amp.GradScaler | None,
+    progress: Progress,
+    step_state: StepState,
+    cfg: Config,
+    rng_cpu: list[torch.Tensor],
+    data_states: list[dict[str, Any]],
+    mlflow_run_id: str | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a training checkpoint. `rng_cpu` and `data_states` hold one entry
+    per rank, gathered by the caller."""
+    state = {
+        "G": nets.G_net.state_dict(),
+        "D": nets.D_net.state_dict(),
+        "G_ema": nets.G_ema.state_dict(),
+        "G_opt": nets.G_opt.state_dict(),
+        "D_opt": nets.D_opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng_cpu": rng_cpu,
+    }
+    meta = {
+        "format": FORMAT,
+        "sg2dist_version": __version__,
+        "progress": dataclasses.asdict(progress),
+        "pl_mean": step_state.pl_mean,
+        "skipped_steps": step_state.skipped_steps,
+        "world_size": len(rng_cpu),
+        "data_states": data_states,
+        "mlflow_run_id": mlflow_run_id,
+        "config": cfg.to_dict(),
+    }
+    return state, meta
+
+
+def restore_training(
+    checkpoint: Checkpoint,
+    *,
+    cfg: Config,
+    nets: Nets,
+    scaler: torch.amp.GradScaler | None,
+    progress: Progress,
+    step_state: StepState,
+    rank: int,
+    world_size: int,
+) -> dict[str, Any] | None:
+    """Load every piece of `training_contents` into the given parts; returns this rank's
+    data stream state (None when the world size changed: the stream restarts)."""
+    meta, state = checkpoint.meta, checkpoint.state
+    if meta["config"]["model"] != dataclasses.asdict(cfg.model):
+        raise UserError(
+            f"checkpoint {checkpoint.url} was trained with a different model config; "
+            "use a new run.dir, or --init-from to fine-tune its weights"
+        )
+    nets.G_net.load_state_dict(state["G"])
+    nets.D_net.load_state_dict(state["D"])
+    nets.G_ema.load_state_dict(state["G_ema"])
+    nets.G_opt.load_state_dict(state["G_opt"])
+    nets.D_opt.load_state_dict(state["D_opt"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    for key in dataclasses.asdict(progress):
+        setattr(progress, key, int(meta["progress"][key]))
+    step_state.pl_mean = float(meta["pl_mean"])
+    step_state.skipped_steps = int(meta["skipped_steps"])
+    if meta["world_size"] != world_size:
+        return None
+    torch.set_rng_state(state["rng_cpu"][rank])
+    return meta["data_states"][rank]
+
+
+def load_weights(url: str, nets: Nets) -> None:
+    """--init-from: G, D and G_ema weights for fine-tuning; counters and optimizers start fresh."""
+    checkpoint = load_checkpoint(url)
+    try:
+        nets.G_net.load_state_dict(checkpoint.state["G"])
+        nets.D_net.load_state_dict(checkpoint.state["D"])
+        nets.G_ema.load_state_dict(checkpoint.state["G_ema"])
+    except RuntimeError as exc:
+        raise UserError(
+            f"--init-from {url}: its networks do not match model.* of this config "
+            f"({str(exc)[:120]}...); "
+            "use the same model settings as that run"
+        ) from None

@@ -14,7 +14,6 @@ reducer is not armed for a backward that never reaches it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +24,6 @@ Scaler = Callable[[torch.Tensor], torch.Tensor]
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-@dataclass
-class PathLengthState:
-    """Running mean of path lengths (`pl_mean`), part of the checkpoint."""
-
-    pl_mean: float = 0.0
 
 
 def g_main_loss(G_ddp, D_net, gen_z, gen_c, style_mixing_prob: float):

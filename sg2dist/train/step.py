@@ -84,17 +84,27 @@ class StepContext:
     reduce_mean: callable  # tensor -> mean over ranks
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     mbstd_group: int = 4  # D's minibatch-stddev group (model.mbstd_group)
-    pl_mean: float = 0.0
-    nonfinite_in_row: int = 0
-    skipped_steps: int = 0
+    # Per-phase loss statistics since the last tick; device tensors, so no sync per step.
     stats: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+
+@dataclass
+class StepState:
+    """What one step hands to the next. pl_mean and skipped_steps are checkpointed; a
+    resumed run starts a fresh streak of non-finite steps."""
+
+    pl_mean: float = 0.0  # running mean of path lengths
+    skipped_steps: int = 0  # steps skipped for non-finite gradients, in all
+    nonfinite_in_row: int = 0  # ... and in a row, up to the last step
 
 
 def _scale_fn(ctx: StepContext):
     return ctx.scaler.scale if ctx.scaler is not None else L._identity
 
 
-def _phase_passes(ctx: StepContext, nets: Nets, phase: Phase, real_img, real_c, gen_z, gen_c):
+def _phase_passes(
+    ctx: StepContext, nets: Nets, phase: Phase, pl_mean: float, real_img, real_c, gen_z, gen_c
+):
     """The (forward -> loss) closures of one phase for one micro-batch; one backward each."""
     t = ctx.train
     mix = t.style_mixing_prob
@@ -107,7 +117,7 @@ def _phase_passes(ctx: StepContext, nets: Nets, phase: Phase, real_img, real_c, 
             G_reg = nets.G_reg_ddp or nets.G_ddp
             lengths, gen_img = L.path_lengths(G_reg, gen_z[:n], gen_c[:n], mix, _scale_fn(ctx))
             return L.pl_loss(
-                lengths, gen_img, pl_mean=ctx.pl_mean, pl_weight=t.pl_weight, gain=phase.interval
+                lengths, gen_img, pl_mean=pl_mean, pl_weight=t.pl_weight, gain=phase.interval
             )
 
         return [greg]
@@ -145,7 +155,13 @@ def _grads_finite(module: torch.nn.Module) -> bool:
 
 
 def _run_phase(
-    ctx: StepContext, nets: Nets, phase: Phase, step: int, phase_idx: int, micro_batches
+    ctx: StepContext,
+    nets: Nets,
+    phase: Phase,
+    pl_mean: float,
+    step: int,
+    phase_idx: int,
+    micro_batches,
 ):
     is_G = phase.net == "G"
     ddp, opt = (nets.G_ddp, nets.G_opt) if is_G else (nets.D_ddp, nets.D_opt)
@@ -160,7 +176,7 @@ def _run_phase(
         torch.manual_seed(micro_seed(ctx.train.seed, step, phase_idx, global_micro))
         gen_z = torch.randn(len(real_img), nets.G_net.z_dim, device=real_img.device)
         gen_c = real_c[torch.randperm(len(real_c), device=real_c.device)]
-        passes = _phase_passes(ctx, nets, phase, real_img, real_c, gen_z, gen_c)
+        passes = _phase_passes(ctx, nets, phase, pl_mean, real_img, real_c, gen_z, gen_c)
         for pass_idx, compute in enumerate(passes):
             is_last = round_idx == num_rounds - 1 and pass_idx == len(passes) - 1
             # Sync point: DDP all-reduces gradients only in the very last backward.
@@ -171,7 +187,7 @@ def _run_phase(
                 ctx.backward(loss / num_rounds)
             for key, value in stats.items():
                 phase_stats[key].append(value.float())
-    return opt, ddp, phase_stats
+    return opt, phase_stats
 
 
 def _step_optimizer(ctx: StepContext, nets: Nets, opt, is_G: bool) -> bool:
@@ -187,23 +203,27 @@ def _step_optimizer(ctx: StepContext, nets: Nets, opt, is_G: bool) -> bool:
     return True
 
 
-def train_step(ctx: StepContext, nets: Nets, step: int, micro_batches) -> None:
+def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_batches) -> None:
     """Run every phase due at `step` on `micro_batches` [(real_img float NCHW, real_c)]."""
     any_skipped = False
     for phase_idx, phase in enumerate(ctx.phases):
         if step % phase.interval != 0:
             continue
-        opt, _, phase_stats = _run_phase(ctx, nets, phase, step, phase_idx, micro_batches)
+        opt, phase_stats = _run_phase(
+            ctx, nets, phase, state.pl_mean, step, phase_idx, micro_batches
+        )
         if phase.name == "Greg":
             # One pl_mean update per phase from the global batch: independent of the layout.
             global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
-            ctx.pl_mean = L.update_pl_mean(ctx.pl_mean, float(global_length), ctx.train.pl_decay)
+            state.pl_mean = L.update_pl_mean(
+                state.pl_mean, float(global_length), ctx.train.pl_decay
+            )
         any_skipped |= not _step_optimizer(ctx, nets, opt, is_G=phase.net == "G")
         # Stats stay local tensors until the tick: no device sync per phase.
         for key, values in phase_stats.items():
             ctx.stats[key].append(torch.stack(values).mean())
-    ctx.nonfinite_in_row = ctx.nonfinite_in_row + 1 if any_skipped else 0
-    ctx.skipped_steps += int(any_skipped)
+    state.nonfinite_in_row = state.nonfinite_in_row + 1 if any_skipped else 0
+    state.skipped_steps += int(any_skipped)
     nets.G_net.requires_grad_(False)
     nets.D_net.requires_grad_(False)
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from sg2dist.data import Batch, StreamLoader, build_loader
 from sg2dist.data.imageops import ConvertSettings
 from sg2dist.data.prepare import prepare_dataset
 
@@ -56,6 +59,41 @@ class ImageKit:
 @pytest.fixture(scope="session")
 def kit() -> type[ImageKit]:
     return ImageKit
+
+
+def stream_loader(url: str, **overrides: Any) -> StreamLoader:
+    """The test datasets' loader: 2 workers, batches of 5, labels and flips on."""
+    options: dict[str, Any] = dict(
+        batch_gpu=5,
+        rank=0,
+        world_size=1,
+        seed=0,
+        workers=2,
+        mirror=True,
+        shuffle_buffer=8,
+        use_labels=True,
+    )
+    options.update(overrides)
+    return build_loader(url, **options)
+
+
+def same_batches(a: Sequence[Batch], b: Sequence[Batch]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys == y.keys and torch.equal(x.img_NCHW, y.img_NCHW) and torch.equal(x.c, y.c)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+class StreamKit:
+    """The loader helpers above, shared by the stream and worker tests (`streams` fixture)."""
+
+    loader = staticmethod(stream_loader)
+    same_batches = staticmethod(same_batches)
+
+
+@pytest.fixture(scope="session")
+def streams() -> type[StreamKit]:
+    return StreamKit
 
 
 @pytest.fixture(scope="session")

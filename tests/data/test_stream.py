@@ -4,160 +4,58 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import tarfile
-import time
 from itertools import islice
 
-import psutil
 import pytest
 import torch
 
-from sg2dist.data import StreamState, build_loader, check_resolution, open_manifest, stream
+from sg2dist.data import StreamState, check_resolution, open_manifest
 from sg2dist.data.shards import tar_members
 from sg2dist.errors import UserError
 
 
-def _loader(url: str, **overrides):
-    options = dict(
-        batch_gpu=5,
-        rank=0,
-        world_size=1,
-        seed=0,
-        workers=2,
-        mirror=True,
-        shuffle_buffer=8,
-        use_labels=True,
-    )
-    options.update(overrides)
-    return build_loader(url, **options)
-
-
-def _same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(
-        x.keys == y.keys and torch.equal(x.img_NCHW, y.img_NCHW) and torch.equal(x.c, y.c)
-        for x, y in zip(a, b, strict=True)
-    )
-
-
 @pytest.mark.parametrize("consumed", [7, 12])
-def test_resumed_stream_gives_exactly_the_batches_of_an_uninterrupted_one(stream_dataset, consumed):
+def test_resumed_stream_gives_exactly_the_batches_of_an_uninterrupted_one(
+    stream_dataset, consumed, streams
+):
     total = 22  # batches of 5 from shards of 16: batches straddle shard ends and visits
-    reference = list(islice(_loader(stream_dataset), total))
+    reference = list(islice(streams.loader(stream_dataset), total))
 
-    first = _loader(stream_dataset)
+    first = streams.loader(stream_dataset)
     for batch in islice(first, consumed):
         first.state.update(batch)
     next(first)  # fetched but never consumed: must not count
     saved = first.state.to_json()
     first.close()
 
-    resumed = _loader(stream_dataset, state=StreamState.from_json(saved))
+    resumed = streams.loader(stream_dataset, state=StreamState.from_json(saved))
     continued = list(islice(resumed, total - consumed))
-    assert _same_batches(reference[consumed:], continued)
+    assert streams.same_batches(reference[consumed:], continued)
 
 
-def test_same_seed_gives_the_same_stream_and_every_rank_a_different_one(stream_dataset):
-    rank0 = list(islice(_loader(stream_dataset, world_size=2), 6))
-    assert _same_batches(rank0, list(islice(_loader(stream_dataset, world_size=2), 6)))
-    rank1 = list(islice(_loader(stream_dataset, world_size=2, rank=1), 6))
-    other_seed = list(islice(_loader(stream_dataset, world_size=2, seed=1), 6))
+def test_same_seed_gives_the_same_stream_and_every_rank_a_different_one(stream_dataset, streams):
+    rank0 = list(islice(streams.loader(stream_dataset, world_size=2), 6))
+    assert streams.same_batches(
+        rank0, list(islice(streams.loader(stream_dataset, world_size=2), 6))
+    )
+    rank1 = list(islice(streams.loader(stream_dataset, world_size=2, rank=1), 6))
+    other_seed = list(islice(streams.loader(stream_dataset, world_size=2, seed=1), 6))
     keys = [[b.keys for b in stream] for stream in (rank0, rank1, other_seed)]
     assert keys[0] != keys[1] and keys[0] != keys[2]
 
 
-def test_workers_zero_runs_in_process_and_equals_one_worker(stream_dataset):
-    in_process = list(islice(_loader(stream_dataset, workers=0), 8))
-    one_worker = list(islice(_loader(stream_dataset, workers=1), 8))
-    assert _same_batches(in_process, one_worker)
+def test_workers_zero_runs_in_process_and_equals_one_worker(stream_dataset, streams):
+    in_process = list(islice(streams.loader(stream_dataset, workers=0), 8))
+    one_worker = list(islice(streams.loader(stream_dataset, workers=1), 8))
+    assert streams.same_batches(in_process, one_worker)
 
 
-def test_batches_kept_while_ring_slots_are_reused_equal_in_process_ones(stream_dataset):
-    # Far more batches than ring slots, all kept: a reused slot must not change a batch
-    # already handed out, so each Batch owns a private copy of its images.
-    count = 4 * stream.RING_SLOTS
-    from_ring = list(islice(_loader(stream_dataset, workers=1), count))
-    in_process = list(islice(_loader(stream_dataset, workers=0), count))
-    assert _same_batches(from_ring, in_process)
-    assert not any(batch.img_NCHW.is_shared() for batch in from_ring)
-
-
-@pytest.mark.timeout(120)
-def test_workers_started_by_forkserver_survive_a_consumer_slower_than_their_ring(
-    stream_dataset, monkeypatch
+def test_batches_are_uint8_images_with_one_hot_labels_and_flips_follow_the_seed(
+    stream_dataset, streams
 ):
-    # Under forkserver (Python 3.14's default start method) a worker's OS parent is the
-    # fork server, not this process; a worker waiting on a full ring must still wait.
-    forkserver = stream.mp.get_context("forkserver")
-    monkeypatch.setattr(stream.mp, "get_context", lambda *_: forkserver)
-    slow = _loader(stream_dataset, workers=1)
-    batches = []
-    for batch in islice(slow, stream.RING_SLOTS + 2):
-        batches.append(batch)
-        time.sleep(1.5 * stream.WORKER_CHECK_S if len(batches) == 1 else 0)
-    slow.close()
-    in_process = list(islice(_loader(stream_dataset, workers=0), len(batches)))
-    assert _same_batches(batches, in_process)
-
-
-def _data_workers() -> list[psutil.Process]:
-    """This process's forked children (a forked worker keeps the command line)."""
-    me = psutil.Process()
-    return [p for p in me.children() if p.cmdline() == me.cmdline()]
-
-
-def test_closing_the_loader_stops_its_worker_processes(stream_dataset):
-    loader = _loader(stream_dataset, workers=2)
-    next(loader)
-    workers = _data_workers()
-    assert len(workers) == 2
-    loader.close()
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
-
-
-@pytest.mark.timeout(60)
-def test_workers_end_on_sigterm_even_when_the_trainer_handles_it(stream_dataset):
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's stop flag
-    try:
-        loader = _loader(stream_dataset, workers=2)
-        next(loader)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    workers = _data_workers()
-    for worker in workers:
-        worker.terminate()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(
-        w.status() != psutil.STATUS_ZOMBIE for w in workers
-    ):  # ended, not yet reaped
-        time.sleep(0.05)
-    assert all(w.status() == psutil.STATUS_ZOMBIE for w in workers)
-    loader.close()
-
-
-@pytest.mark.timeout(60)
-def test_a_worker_that_dies_is_a_clear_error_not_a_hang(stream_dataset):
-    loader = _loader(stream_dataset, workers=2)
-    next(loader)
-    for worker in _data_workers():
-        worker.kill()
-    with pytest.raises(RuntimeError, match=r"data worker \d \(pid \d+\) exited unexpectedly"):
-        for _ in islice(loader, 100):
-            pass
-
-
-def test_an_unexpected_worker_exception_reaches_the_main_process(stream_dataset, monkeypatch):
-    def broken(data, out, *, flip):
-        raise RuntimeError("decoder bug")
-
-    monkeypatch.setattr(stream, "decode_into", broken)  # forked workers inherit it
-    with pytest.raises(RuntimeError, match="(?s)in data worker 0.*decoder bug"):
-        next(_loader(stream_dataset, workers=1))
-
-
-def test_batches_are_uint8_images_with_one_hot_labels_and_flips_follow_the_seed(stream_dataset):
-    plain = next(_loader(stream_dataset, mirror=False, workers=0))
-    mirrored = next(_loader(stream_dataset, mirror=True, workers=0))
+    plain = next(streams.loader(stream_dataset, mirror=False, workers=0))
+    mirrored = next(streams.loader(stream_dataset, mirror=True, workers=0))
     assert plain.img_NCHW.dtype == torch.uint8 and plain.img_NCHW.shape == (5, 3, 16, 16)
     assert plain.c.shape == (5, 3) and torch.equal(plain.c.sum(1), torch.ones(5))
     assert plain.keys == mirrored.keys
@@ -166,15 +64,15 @@ def test_batches_are_uint8_images_with_one_hot_labels_and_flips_follow_the_seed(
     ]
     kept = [torch.equal(m, p) for m, p in zip(mirrored.img_NCHW, plain.img_NCHW, strict=True)]
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped)
-    unlabelled = next(_loader(stream_dataset, use_labels=False, workers=0))
+    unlabelled = next(streams.loader(stream_dataset, use_labels=False, workers=0))
     assert unlabelled.c.shape == (5, 0)
 
 
-def _epoch_keys(url: str, batch_gpu: int) -> list[list[str]]:
+def _epoch_keys(streams, url: str, batch_gpu: int) -> list[list[str]]:
     """Keys each of 2 ranks x 2 workers streams in one epoch of the non-resampled order."""
     per_rank = []
     for rank in (0, 1):
-        loader = _loader(
+        loader = streams.loader(
             url, rank=rank, world_size=2, workers=2, batch_gpu=batch_gpu, resampled=False
         )
         batches = list(loader)
@@ -183,14 +81,18 @@ def _epoch_keys(url: str, batch_gpu: int) -> list[list[str]]:
     return per_rank
 
 
-def test_epoch_over_two_ranks_and_two_workers_covers_an_even_dataset_exactly_once(even_dataset):
-    rank0, rank1 = _epoch_keys(even_dataset, batch_gpu=4)
+def test_epoch_over_two_ranks_and_two_workers_covers_an_even_dataset_exactly_once(
+    even_dataset, streams
+):
+    rank0, rank1 = _epoch_keys(streams, even_dataset, batch_gpu=4)
     assert len(rank0) == len(rank1) == 48
     assert sorted(rank0 + rank1) == [f"{i:08d}" for i in range(96)]
 
 
-def test_epoch_over_uneven_shards_gives_equal_batch_counts_and_no_duplicates(stream_dataset):
-    rank0, rank1 = _epoch_keys(stream_dataset, batch_gpu=4)
+def test_epoch_over_uneven_shards_gives_equal_batch_counts_and_no_duplicates(
+    stream_dataset, streams
+):
+    rank0, rank1 = _epoch_keys(streams, stream_dataset, batch_gpu=4)
     assert len(rank0) == len(rank1) > 0
     assert len(set(rank0 + rank1)) == len(rank0) + len(rank1)  # nothing seen twice
     assert len(rank0) + len(rank1) >= 150 - 2 * 2 * 4 - 16  # truncation loses little
@@ -212,7 +114,9 @@ def _rewrite_shard(path: str, damage) -> list[str]:
     return sorted(set(hit))
 
 
-def test_corrupt_samples_are_skipped_and_counted_never_a_crash(stream_dataset, copy_dataset):
+def test_corrupt_samples_are_skipped_and_counted_never_a_crash(
+    stream_dataset, copy_dataset, streams
+):
     url = copy_dataset(stream_dataset)
     manifest = open_manifest(url)
     bad = {f"{i:08d}" for i in (0, 3)}
@@ -222,7 +126,7 @@ def test_corrupt_samples_are_skipped_and_counted_never_a_crash(stream_dataset, c
     )
     assert damaged == sorted(bad)
 
-    loader = _loader(url, workers=2)
+    loader = streams.loader(url, workers=2)
     keys_seen = set()
     for batch in islice(loader, 120):  # 600 samples: shard 0 is visited many times
         loader.state.update(batch)
@@ -233,23 +137,23 @@ def test_corrupt_samples_are_skipped_and_counted_never_a_crash(stream_dataset, c
     assert loader.state.corrupt_samples >= 2
 
 
-def test_missing_shard_is_one_clear_error_naming_it(stream_dataset, copy_dataset):
+def test_missing_shard_is_one_clear_error_naming_it(stream_dataset, copy_dataset, streams):
     url = copy_dataset(stream_dataset)
     missing = os.path.join(url, open_manifest(url).shards[4].name)
     os.remove(missing)
     with pytest.raises(UserError) as info:
-        for _ in _loader(url, workers=2, resampled=False, world_size=1):
+        for _ in streams.loader(url, workers=2, resampled=False, world_size=1):
             pass
     assert f"shard {missing} is missing" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_truncated_shard_is_one_clear_error_naming_it(stream_dataset, copy_dataset):
+def test_truncated_shard_is_one_clear_error_naming_it(stream_dataset, copy_dataset, streams):
     url = copy_dataset(stream_dataset)
     damaged = os.path.join(url, open_manifest(url).shards[2].name)
     with open(damaged, "r+b") as f:
         f.truncate(os.path.getsize(damaged) // 2)
     with pytest.raises(UserError, match=f"shard {damaged} is damaged .*truncated"):
-        for _ in _loader(url, workers=0, resampled=False):
+        for _ in streams.loader(url, workers=0, resampled=False):
             pass
 
 
@@ -262,11 +166,11 @@ def test_tar_reader_returns_what_tarfile_reads_from_a_prepared_shard(stream_data
     assert records == expected and len(records) == 2 * 16  # .cls and .png per sample
 
 
-def test_resume_with_another_worker_count_is_refused(stream_dataset):
-    loader = _loader(stream_dataset, workers=2)
+def test_resume_with_another_worker_count_is_refused(stream_dataset, streams):
+    loader = streams.loader(stream_dataset, workers=2)
     loader.state.update(next(loader))
     with pytest.raises(UserError, match="num_workers=2 but this run has 3"):
-        _loader(stream_dataset, workers=3, state=loader.state.to_dict())
+        streams.loader(stream_dataset, workers=3, state=loader.state.to_dict())
 
 
 def test_check_resolution_names_the_mismatch_and_the_fix(stream_dataset):
@@ -278,7 +182,7 @@ def test_check_resolution_names_the_mismatch_and_the_fix(stream_dataset):
         check_resolution(manifest, 16, 1)
 
 
-def test_labels_requested_from_an_unlabelled_dataset_is_an_error(tmp_path, kit):
+def test_labels_requested_from_an_unlabelled_dataset_is_an_error(tmp_path, kit, streams):
     kit.write_class_folders(tmp_path / "src", {"a": kit.random_images(4, (16, 16), seed=9)})
     from sg2dist.data.imageops import ConvertSettings
     from sg2dist.data.prepare import prepare_dataset
@@ -291,12 +195,12 @@ def test_labels_requested_from_an_unlabelled_dataset_is_an_error(tmp_path, kit):
         progress=False,
     )
     with pytest.raises(UserError, match="has no labels; set data.use_labels=false"):
-        _loader(str(tmp_path / "ds"), use_labels=True)
+        streams.loader(str(tmp_path / "ds"), use_labels=True)
 
 
-def test_iterating_a_missing_dataset_names_the_url(tmp_path):
+def test_iterating_a_missing_dataset_names_the_url(tmp_path, streams):
     with pytest.raises(UserError, match=f"no dataset at {tmp_path}"):
-        _loader(str(tmp_path))
+        streams.loader(str(tmp_path))
 
 
 def test_stream_state_round_trips_through_json():

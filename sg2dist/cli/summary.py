@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sg2dist.config import add_config_arguments, load_config
+from sg2dist.cli.common import add_config_arguments
+from sg2dist.config import load_config
 from sg2dist.model import build_networks, count_params
 from sg2dist.model.discriminator import Discriminator
 from sg2dist.model.generator import Generator

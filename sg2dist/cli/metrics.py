@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
+from sg2dist.cli.common import (
+    add_batch_argument,
+    add_checkpoint_argument,
+    add_device_argument,
+    check_batch,
+    load_generator_or_explain,
+    resolve_device,
+)
 from sg2dist.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--data", default="", help="dataset URL to compare with (default: the run's data.url)"
     )
@@ -45,14 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="generated images for every metric (quick, less precise scores)",
     )
-    parser.add_argument("--batch", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:N")
+    add_batch_argument(parser, default=64)
+    add_device_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
     from sg2dist.metrics import compute_metrics, parse_metric
-    from sg2dist.train.checkpoint import load_generator
 
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     if not names:
@@ -61,12 +62,9 @@ def main(args: argparse.Namespace) -> int:
         parse_metric(name)
     if args.num_gen is not None and args.num_gen < 2:
         raise UserError(f"--num-gen {args.num_gen} is too small; use at least 2 (e.g. 10000)")
-    if args.batch < 1:
-        raise UserError(f"--batch {args.batch} must be >= 1")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    G_ema, cfg, meta = load_generator(args.checkpoint, device=device)
+    check_batch(args.batch)
+    device = resolve_device(args.device)
+    G_ema, cfg, _meta = load_generator_or_explain(args.checkpoint, device)
     data_url = args.data or cfg.data.url
     if not data_url:
         raise UserError(f"{args.checkpoint} records no data.url; pass --data DATASET_URL")

@@ -1,9 +1,11 @@
 """The `sg2dist` command: one entry point, one module per subcommand.
 
-Each subcommand lives in its own module that exposes `add_arguments(parser)` and
-`main(args) -> int`. Modules are imported only when their command runs, so
-`sg2dist --help` stays fast and a broken optional dependency cannot break the
-other commands.
+Each subcommand lives in its own module of this package that exposes
+`add_arguments(parser)` and `main(args) -> int`; options several commands share are
+defined once in `sg2dist.cli.common`. Command modules parse and call the library;
+the library never imports this package. Modules are imported only when their command
+runs, so `sg2dist --help` stays fast and a broken optional dependency cannot break
+the other commands.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from sg2dist.errors import UserError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("sg2dist.data.prepare", "turn an image folder or zip into WebDataset shards"),
-    "train": ("sg2dist.train.run", "train StyleGAN2 (one process, or under accelerate launch)"),
-    "summary": ("sg2dist.model.summary", "print the G and D layer tables and parameter counts"),
-    "generate": ("sg2dist.generate", "write images or a grid from a checkpoint"),
-    "style-mix": ("sg2dist.generate_mix", "draw the style-mixing figure from a checkpoint"),
-    "interpolate": ("sg2dist.generate_interp", "render a looping latent walk (gif or mp4)"),
-    "metrics": ("sg2dist.metrics_cli", "score a checkpoint with FID/KID"),
-    "export": ("sg2dist.export", "log G_ema of a checkpoint as an MLflow model"),
-    "bench": ("sg2dist.bench", "benchmark a training step or the data loader"),
+    "prepare": ("sg2dist.cli.prepare", "turn an image folder or zip into WebDataset shards"),
+    "train": ("sg2dist.cli.train", "train StyleGAN2 (one process, or under accelerate launch)"),
+    "summary": ("sg2dist.cli.summary", "print the G and D layer tables and parameter counts"),
+    "generate": ("sg2dist.cli.generate", "write images or a grid from a checkpoint"),
+    "style-mix": ("sg2dist.cli.style_mix", "draw the style-mixing figure from a checkpoint"),
+    "interpolate": ("sg2dist.cli.interpolate", "render a looping latent walk (gif or mp4)"),
+    "metrics": ("sg2dist.cli.metrics", "score a checkpoint with FID/KID"),
+    "export": ("sg2dist.cli.export", "log G_ema of a checkpoint as an MLflow model"),
+    "bench": ("sg2dist.cli.bench", "benchmark a training step or the data loader"),
 }
 
 

@@ -13,9 +13,23 @@ import argparse
 import numpy as np
 import torch
 
+from sg2dist.cli.common import (
+    add_generator_arguments,
+    check_suffix,
+    open_generator,
+    parse_int_list,
+    parse_seeds,
+)
 from sg2dist.errors import UserError
-from sg2dist.generate import add_generator_arguments, map_seeds, open_generator, synthesize
-from sg2dist.images import check_suffix, parse_int_list, parse_seeds, tile_grid, write_png
+from sg2dist.sampling import (
+    class_labels,
+    map_z,
+    mixed_ws,
+    synthesize,
+    tile_grid,
+    write_png,
+    z_from_seeds,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,20 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE.png", help="output image, local or s3://")
 
 
-def mixed_ws(
-    ws_by_seed: dict[int, torch.Tensor],
-    row_seeds: list[int],
-    col_seeds: list[int],
-    styles: list[int],
-) -> torch.Tensor:
-    """ws [rows x cols, num_ws, w_dim], row-major: column ws with the row's --styles layers."""
-    cells = []
-    for row_seed in row_seeds:
-        for col_seed in col_seeds:
-            ws = ws_by_seed[col_seed].clone()
-            ws[styles] = ws_by_seed[row_seed][styles]
-            cells.append(ws)
-    return torch.stack(cells)
+def figure_cells(
+    img_NHWC: np.ndarray, source_seeds: list[int], row_seeds: list[int], col_seeds: list[int]
+) -> np.ndarray:
+    """[(rows + 1) x (cols + 1), H, W, C]: blank corner, column images, then per row its own
+    image and its mixed cells. `img_NHWC` holds the source images, then the mixed cells."""
+    source_img = dict(zip(source_seeds, img_NHWC[: len(source_seeds)], strict=True))
+    mixed_img = img_NHWC[len(source_seeds) :]
+    cells = [np.zeros_like(img_NHWC[0])] + [source_img[s] for s in col_seeds]
+    for r, row_seed in enumerate(row_seeds):
+        cells += [source_img[row_seed]] + list(
+            mixed_img[r * len(col_seeds) : (r + 1) * len(col_seeds)]
+        )
+    return np.stack(cells)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -61,7 +74,15 @@ def main(args: argparse.Namespace) -> int:
             f"0..{G.num_ws - 1}; pick indices in that range"
         )
     source_seeds = list(dict.fromkeys(col_seeds + row_seeds))
-    ws_by_seed = dict(zip(source_seeds, map_seeds(G, source_seeds, args, device), strict=True))
+    source_ws = map_z(
+        G,
+        z_from_seeds(source_seeds, G.z_dim),
+        class_labels(G.c_dim, args.class_idx, len(source_seeds)),
+        truncation_psi=args.trunc,
+        batch=args.batch,
+        device=device,
+    )
+    ws_by_seed = dict(zip(source_seeds, source_ws, strict=True))
     cell_ws = mixed_ws(ws_by_seed, row_seeds, col_seeds, styles)
     # One pass for the border images and the mixed cells; under random noise a source
     # image uses its own seed (as in `generate`) and a mixed cell its column's seed.
@@ -76,16 +97,7 @@ def main(args: argparse.Namespace) -> int:
         device=device,
         desc="style-mix",
     )
-
-    source_img = dict(zip(source_seeds, img_NHWC[: len(source_seeds)], strict=True))
-    mixed_img = img_NHWC[len(source_seeds) :]
-    blank = np.zeros_like(img_NHWC[0])
-    cells = [blank] + [source_img[s] for s in col_seeds]
-    for r, row_seed in enumerate(row_seeds):
-        cells += [source_img[row_seed]] + list(
-            mixed_img[r * len(col_seeds) : (r + 1) * len(col_seeds)]
-        )
-    figure = tile_grid(np.stack(cells), len(col_seeds) + 1, len(row_seeds) + 1)
-    write_png(args.file, figure)
+    cells = figure_cells(img_NHWC, source_seeds, row_seeds, col_seeds)
+    write_png(args.file, tile_grid(cells, len(col_seeds) + 1, len(row_seeds) + 1))
     print(f"wrote a {len(row_seeds)}x{len(col_seeds)} style-mixing figure to {args.file}")
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from sg2dist.config import add_config_arguments, dump_config, load_config
+from sg2dist.cli.common import add_config_arguments
+from sg2dist.config import dump_config, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,8 @@ def main(args: argparse.Namespace) -> int:
             f"{accum} x world size {world_size}"
         )
         return 0
+    from sg2dist.train.build import build_session
     from sg2dist.train.loop import train
 
-    return train(cfg, resume=args.resume, init_from=args.init_from)
+    session = build_session(cfg, resume=args.resume, init_from=args.init_from)
+    return train(session)

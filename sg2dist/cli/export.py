@@ -3,7 +3,7 @@
     sg2dist export --checkpoint s3://bucket/runs/cats --register cats-generator
 
 The model is a pyfunc that maps seeds (or z vectors) and truncation psi to uint8
-images (see sg2dist.tracking.GeneratorModel). It goes into a new run named
+images (see sg2dist.tracking.generator_model). It goes into a new run named
 `export-<run name>` of the run's experiment, tagged with the source checkpoint and
 training run, so a training run that is still going is never touched. The tracking
 URI is --tracking-uri, else the run's tracking.uri, else $MLFLOW_TRACKING_URI, else the
@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 
+from sg2dist.cli.common import add_checkpoint_argument, load_generator_or_explain
 from sg2dist.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--register",
         default="",
@@ -36,10 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sg2dist.tracking import Tracker, redact_text
-    from sg2dist.train.checkpoint import load_generator
+    import torch
 
-    G_ema, cfg, meta = load_generator(args.checkpoint)
+    from sg2dist.tracking.redact import redact_text
+    from sg2dist.tracking.tracker import Tracker
+
+    G_ema, cfg, meta = load_generator_or_explain(args.checkpoint, torch.device("cpu"))
     if args.tracking_uri:
         cfg.tracking.uri = args.tracking_uri
     cfg.tracking.enabled = True
@@ -50,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         "sg2dist.export_of": args.checkpoint,
         "sg2dist.training_run_id": str(meta.get("mlflow_run_id") or ""),
     }
-    tracker = Tracker.start(cfg, is_main=True, run_id=None, tags=tags)
+    tracker = Tracker.start(cfg, run_id=None, tags=tags)
     model_uri = tracker.log_generator(G_ema, cfg, register_name=args.register)
     tracker.end("FINISHED" if model_uri else "FAILED")
     if not model_uri:

@@ -1,0 +1,121 @@
+"""`sg2dist bench WHAT`: measure one part of the pipeline in isolation.
+
+    sg2dist bench data URL --batch B --workers W [--batches N]
+    sg2dist bench step --resolution R --batch B [--channel-base --channel-max] [--device cpu|cuda]
+                       [--precision fp32|bf16|fp16] [--compile]
+
+The measurements live beside what they measure (sg2dist/data/bench.py,
+sg2dist/train/bench.py); this module parses and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sg2dist import storage
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    benches = parser.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    add_data_arguments(
+        benches.add_parser("data", help="images/s of the data loader vs a raw PIL decode loop")
+    )
+    add_step_arguments(
+        benches.add_parser("step", help="sec/iter, img/s and peak memory of full training steps")
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    return args.run(args)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="dataset: local folder or s3://bucket/prefix")
+    parser.add_argument("--batch", type=int, default=32, help="batch_gpu (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="data worker processes (default 2)")
+    parser.add_argument("--batches", type=int, default=50, help="batches timed (default 50)")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="batches before timing (worker start-up; default 5)"
+    )
+    parser.add_argument("--shuffle-buffer", type=int, default=256, help="samples (default 256)")
+    parser.set_defaults(run=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from sg2dist.data.bench import bench_data
+
+    result = bench_data(
+        args.url,
+        batch=args.batch,
+        workers=args.workers,
+        batches=args.batches,
+        warmup=args.warmup,
+        shuffle_buffer=args.shuffle_buffer,
+    )
+    manifest, streamed, raw = result.manifest, result.loader, result.raw_decode
+    streams = max(1, args.workers)
+    where = "s3" if storage.is_s3(args.url) else "local"
+    print(
+        f"bench data: {args.url} ({where}; {manifest.resolution} px, {manifest.channels} ch, "
+        f"{manifest.image_format}), batch {args.batch}, workers {args.workers}, "
+        f"{args.batches} batches"
+    )
+    print(f"  loader      {streamed.per_s:9.1f} img/s  {streamed.per_cpu_s:9.1f} img/CPU-s")
+    print(f"  raw decode  {raw.per_s:9.1f} img/s  {raw.per_cpu_s:9.1f} img/CPU-s  (PIL loop)")
+    # Wall-clock ratio: what a training run sees. CPU ratio: the loader's own cost per
+    # image, which other load on a shared machine does not distort.
+    print(
+        f"  per worker  {streamed.per_s / (streams * raw.per_s):9.2f}  wall "
+        f"(loader / ({streams} x raw decode)), "
+        f"{streamed.per_cpu_s / raw.per_cpu_s:.2f} CPU (loader img/CPU-s / raw img/CPU-s)"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- step
+
+
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--channel-base", type=int, default=4096)
+    parser.add_argument("--channel-max", type=int, default=128)
+    parser.add_argument("--channels", type=int, default=3, help="image channels")
+    parser.add_argument("--map-layers", type=int, default=8)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile G and D")
+    parser.add_argument("--cycles", type=int, default=2, help="timed 16-iteration cycles")
+    parser.set_defaults(run=run_step)
+
+
+def run_step(args: argparse.Namespace) -> int:
+    import torch
+
+    from sg2dist.train.bench import StepBenchSettings, run_step_bench
+
+    settings = StepBenchSettings(
+        resolution=args.resolution,
+        batch=args.batch,
+        channel_base=args.channel_base,
+        channel_max=args.channel_max,
+        channels=args.channels,
+        map_layers=args.map_layers,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        cycles=args.cycles,
+    )
+    result = run_step_bench(settings)
+    device = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
+    )
+    print(
+        f"bench step: {args.resolution}px batch {args.batch} base {args.channel_base} "
+        f"max {args.channel_max} {args.precision}{' compiled' if args.compile else ''} "
+        f"on {device}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items())
+    )
+    return 0

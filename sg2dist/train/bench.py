@@ -1,0 +1,105 @@
+"""The step benchmark behind `sg2dist bench step`: full training iterations, timed.
+
+All four phases run with their Adam steps and the EMA update. A lazy-regularisation
+cycle is 16 iterations (R1 every 16, path length every 4), so the figure is averaged
+over whole cycles after one warm-up cycle. Reals are random tensors: this measures
+the networks and the step, not the data loader (`sg2dist bench data` does that).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sg2dist.config import Config, load_config
+from sg2dist.train.build import build_nets, build_step_context, make_accelerator
+from sg2dist.train.step import StepState, train_step, update_ema
+
+PRECISION_MODES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # bench name -> config value
+CYCLE_STEPS = 16
+
+
+@dataclass(frozen=True)
+class StepBenchSettings:
+    resolution: int = 32
+    batch: int = 16
+    channel_base: int = 4096
+    channel_max: int = 128
+    channels: int = 3  # image channels
+    map_layers: int = 8
+    device: str = "cpu"  # cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the main phases (R1 / path length stay eager)
+    cycles: int = 2  # timed 16-iteration cycles
+
+
+def bench_config(settings: StepBenchSettings) -> Config:
+    return load_config(
+        None,
+        [
+            f"model.resolution={settings.resolution}",
+            f"model.img_channels={settings.channels}",
+            f"model.channel_base={settings.channel_base}",
+            f"model.channel_max={settings.channel_max}",
+            f"model.map_layers={settings.map_layers}",
+            f"train.batch={settings.batch}",
+            f"train.batch_gpu={settings.batch}",
+            f"train.precision={PRECISION_MODES[settings.precision]}",
+        ],
+    )
+
+
+def run_step_bench(settings: StepBenchSettings) -> dict[str, float]:
+    """sec_per_iter, img_per_s, peak_rss_gib (and cuda_max_allocated_gib on a GPU)."""
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("sg2dist bench: --device cuda but no CUDA GPU is visible")
+    if settings.device == "cpu" and torch.cuda.is_available():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # make_accelerator picks the CPU
+    cfg = bench_config(settings)
+    acc = make_accelerator(cfg.train.precision)
+    nets = build_nets(cfg, acc)
+    if settings.compile:
+        # Main phases compiled; R1 and path length (double backward) stay eager.
+        nets.G_reg_ddp, nets.D_reg_ddp = nets.G_ddp, nets.D_ddp
+        nets.G_ddp, nets.D_ddp = torch.compile(nets.G_ddp), torch.compile(nets.D_ddp)
+    ctx = build_step_context(cfg, acc)
+    state = StepState()
+    batch = settings.batch
+    shape = (batch, settings.channels, settings.resolution, settings.resolution)
+    reals = [
+        (torch.rand(shape, device=acc.device) * 2 - 1, torch.zeros(batch, 0, device=acc.device))
+    ]
+
+    def cycle(first_step: int) -> None:
+        for step in range(first_step, first_step + CYCLE_STEPS):
+            train_step(ctx, nets, state, step, reals)
+            update_ema(
+                nets.G_ema,
+                nets.G_net,
+                cur_nimg=(step + 1) * batch,
+                batch=batch,
+                ema_kimg=10,
+                ema_rampup=None,
+            )
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    cycle(0)  # warm-up: allocator, autotuning, compilation
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for c in range(settings.cycles):
+        cycle(CYCLE_STEPS * (c + 1))
+    sec_per_iter = (time.perf_counter() - start) / (CYCLE_STEPS * settings.cycles)
+    result = {
+        "sec_per_iter": sec_per_iter,
+        "img_per_s": batch / sec_per_iter,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    if acc.device.type == "cuda":
+        result["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result

@@ -1,0 +1,99 @@
+"""Data worker processes: ring reuse, forkserver, stopping, SIGTERM, dying and failing workers."""
+
+from __future__ import annotations
+
+import signal
+import time
+from itertools import islice
+
+import psutil
+import pytest
+
+from sg2dist.data import stream
+from sg2dist.data.workers import RING_SLOTS, WORKER_CHECK_S
+
+
+def test_batches_kept_while_ring_slots_are_reused_equal_in_process_ones(stream_dataset, streams):
+    # Far more batches than ring slots, all kept: a reused slot must not change a batch
+    # already handed out, so each Batch owns a private copy of its images.
+    count = 4 * RING_SLOTS
+    from_ring = list(islice(streams.loader(stream_dataset, workers=1), count))
+    in_process = list(islice(streams.loader(stream_dataset, workers=0), count))
+    assert streams.same_batches(from_ring, in_process)
+    assert not any(batch.img_NCHW.is_shared() for batch in from_ring)
+
+
+@pytest.mark.timeout(120)
+def test_workers_started_by_forkserver_survive_a_consumer_slower_than_their_ring(
+    stream_dataset, streams, monkeypatch
+):
+    # Under forkserver (Python 3.14's default start method) a worker's OS parent is the
+    # fork server, not this process; a worker waiting on a full ring must still wait.
+    forkserver = stream.mp.get_context("forkserver")
+    monkeypatch.setattr(stream.mp, "get_context", lambda *_: forkserver)
+    slow = streams.loader(stream_dataset, workers=1)
+    batches = []
+    for batch in islice(slow, RING_SLOTS + 2):
+        batches.append(batch)
+        time.sleep(1.5 * WORKER_CHECK_S if len(batches) == 1 else 0)
+    slow.close()
+    in_process = list(islice(streams.loader(stream_dataset, workers=0), len(batches)))
+    assert streams.same_batches(batches, in_process)
+
+
+def _data_workers() -> list[psutil.Process]:
+    """This process's forked children (a forked worker keeps the command line)."""
+    me = psutil.Process()
+    return [p for p in me.children() if p.cmdline() == me.cmdline()]
+
+
+def test_closing_the_loader_stops_its_worker_processes(stream_dataset, streams):
+    loader = streams.loader(stream_dataset, workers=2)
+    next(loader)
+    workers = _data_workers()
+    assert len(workers) == 2
+    loader.close()
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+@pytest.mark.timeout(60)
+def test_workers_end_on_sigterm_even_when_the_trainer_handles_it(stream_dataset, streams):
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's stop flag
+    try:
+        loader = streams.loader(stream_dataset, workers=2)
+        next(loader)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    workers = _data_workers()
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        w.status() != psutil.STATUS_ZOMBIE for w in workers
+    ):  # ended, not yet reaped
+        time.sleep(0.05)
+    assert all(w.status() == psutil.STATUS_ZOMBIE for w in workers)
+    loader.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_dies_is_a_clear_error_not_a_hang(stream_dataset, streams):
+    loader = streams.loader(stream_dataset, workers=2)
+    next(loader)
+    for worker in _data_workers():
+        worker.kill()
+    with pytest.raises(RuntimeError, match=r"data worker \d \(pid \d+\) exited unexpectedly"):
+        for _ in islice(loader, 100):
+            pass
+
+
+def test_an_unexpected_worker_exception_reaches_the_main_process(
+    stream_dataset, streams, monkeypatch
+):
+    def broken(data, out, *, flip):
+        raise RuntimeError("decoder bug")
+
+    # The workers' batch builder (in stream.py) looks it up; forked workers inherit it.
+    monkeypatch.setattr(stream, "decode_into", broken)
+    with pytest.raises(RuntimeError, match="(?s)in data worker 0.*decoder bug"):
+        next(streams.loader(stream_dataset, workers=1))
