@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from sg2dist import storage
 from sg2dist.data import iter_images, open_manifest
 from sg2dist.errors import UserError
 from sg2dist.sampling import one_hot, to_uint8_nchw
+
+if TYPE_CHECKING:
+    from sg2dist.model import Generator
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_BYTES = 95_628_359
@@ -172,6 +175,7 @@ def _gather_features(
         dist.gather_object(parts, gathered, dst=0)
         if rank != 0:
             return None
+        assert gathered is not None  # rank 0 made the list
         parts = sorted(
             (part for rank_parts in gathered for part in rank_parts), key=lambda part: part[0]
         )
@@ -216,7 +220,7 @@ def _real_batches(
 
 
 def _generated_batches(
-    G: torch.nn.Module, num_gen: int, batch: int, device: torch.device, rank: int, world_size: int
+    G: Generator, num_gen: int, batch: int, device: torch.device, rank: int, world_size: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(batch index, uint8 NCHW images) from G with random z (and uniformly random
     classes), batch i drawn from seed i, for the batches owned by `rank`."""
@@ -336,12 +340,15 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     return float(np.sum((mu_a - mu_b) ** 2) + np.sum(A**2) + np.sum(B**2) - 2 * tr_sqrt)
 
 
-def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor) -> dict[str, float]:
+def _score(
+    spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor | None
+) -> dict[str, float]:
     """One metric from the features of the first spec.count generated images."""
     gen_features = gen[FEATURE_LAYER[spec.kind]][: spec.count]
     if spec.kind == "is":
         splits = min(10, len(gen_features))  # the usual 10 splits, fewer for tiny counts
         return {spec.name: isc_features_to_metric(gen_features, splits)["inception_score_mean"]}
+    assert real is not None  # every metric but IS has real features
     real = real[: spec.real_count]
     if spec.kind == "fid":
         return {spec.name: frechet_distance(gen_features, real)}
@@ -354,7 +361,7 @@ def _score(spec: MetricSpec, gen: dict[str, torch.Tensor], real: torch.Tensor) -
 
 
 def compute_metrics(
-    G_ema: torch.nn.Module,
+    G_ema: Generator,
     data_url: str,
     metrics: list[str],
     *,
@@ -378,7 +385,7 @@ def compute_metrics(
 
 
 def _compute_metrics(
-    G_ema: torch.nn.Module,
+    G_ema: Generator,
     data_url: str,
     metrics: list[str],
     device: torch.device,
@@ -415,6 +422,7 @@ def _compute_metrics(
         )
     scores: dict[str, float] = {}
     if rank == 0:
+        assert gen is not None  # rank 0 holds the gathered features
         for spec in specs:
             scores.update(_score(spec, gen, real))
     return _broadcast(scores, world_size)

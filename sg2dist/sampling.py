@@ -20,6 +20,7 @@ import os
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from sg2dist import storage
+
+if TYPE_CHECKING:
+    from sg2dist.model import Generator
 
 GRID_BATCH = 16  # images per forward pass of the training snapshot grid
 
@@ -59,7 +63,7 @@ def class_labels(c_dim: int, class_idx: int | Sequence[int] | None, num: int) ->
 
 @torch.no_grad()
 def map_z(
-    G: torch.nn.Module,
+    G: Generator,
     z: torch.Tensor,
     c: torch.Tensor,
     *,
@@ -82,7 +86,7 @@ def map_z(
 
 @torch.no_grad()
 def synthesize_batches(
-    G: torch.nn.Module,
+    G: Generator,
     ws: torch.Tensor,
     *,
     noise_mode: str,
@@ -107,12 +111,12 @@ def synthesize_batches(
             bar.update(len(img_NCHW))
 
 
-def synthesize(G: torch.nn.Module, ws: torch.Tensor, **kwargs) -> np.ndarray:
+def synthesize(G: Generator, ws: torch.Tensor, **kwargs) -> np.ndarray:
     """All images of `synthesize_batches` as one uint8 [N, H, W, C] array."""
     return np.concatenate(list(synthesize_batches(G, ws, **kwargs)))
 
 
-def snapshot_grid(G: torch.nn.Module, cols: int, rows: int, device: torch.device) -> np.ndarray:
+def snapshot_grid(G: Generator, cols: int, rows: int, device: torch.device) -> np.ndarray:
     """The training snapshot grid (HWC uint8): seeds 0..cols*rows-1, class i % c_dim for
     image i, no truncation, constant noise, so grids of one run compare image by image."""
     seeds = list(range(cols * rows))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import pickle
+from typing import Any
 
 import torch
 
+from sg2dist.config import Config
 from sg2dist.errors import UserError
-from sg2dist.model.generator import NOISE_MODES
+from sg2dist.model.generator import NOISE_MODES, Generator
 
 MAX_SEED = 2**32 - 1  # np.random.RandomState accepts seeds in [0, 2**32)
 
@@ -159,7 +161,7 @@ def check_suffix(url: str, suffixes: tuple[str, ...], option: str) -> str:
 # ---------------------------------------------------------------------------- loading
 
 
-def open_generator(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
+def open_generator(args: argparse.Namespace) -> tuple[Generator, torch.device]:
     """G_ema of `args.checkpoint` on `args.device`, after checking --batch and --class."""
     check_batch(args.batch)
     device = resolve_device(args.device)
@@ -173,7 +175,9 @@ def open_generator(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.dev
     return G, device
 
 
-def load_generator_or_explain(url: str, device: torch.device):
+def load_generator_or_explain(
+    url: str, device: torch.device
+) -> tuple[Generator, Config, dict[str, Any]]:
     """`load_generator(url)`, with a file that is not a sg2dist G_ema as one clear error."""
     from sg2dist.train.checkpoint import load_generator
 

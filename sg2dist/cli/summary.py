@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -17,8 +18,10 @@ from sg2dist.config import load_config
 from sg2dist.model import build_networks, count_params
 from sg2dist.model.discriminator import Discriminator
 from sg2dist.model.generator import Generator
+from sg2dist.model.layers import FullyConnected
 
 Row = tuple[str, str, str, int]  # block, channels, output shape, parameters
+Entry = tuple[str, nn.Module, str]  # block, module, channels
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +62,11 @@ def format_summary(G: Generator, D: Discriminator) -> str:
 
 
 def generator_rows(G: Generator) -> list[Row]:
-    device = G.mapping.layers[0].weight.device
+    device = cast(FullyConnected, G.mapping.layers[0]).weight.device
     z = torch.zeros([1, G.z_dim], device=device)
     c = torch.zeros([1, G.c_dim], device=device)
     mapping_in = f"{G.z_dim}" + (f"+{G.c_dim}" if G.c_dim else "")
-    entries = [("mapping", G.mapping, f"{mapping_in} -> {G.w_dim}")]
+    entries: list[Entry] = [("mapping", G.mapping, f"{mapping_in} -> {G.w_dim}")]
     for name, block in G.synthesis.blocks.items():
         source = "const" if block.in_channels == 0 else str(block.in_channels)
         entries.append((name, block, f"{source} -> {block.out_channels}"))
@@ -74,7 +77,7 @@ def discriminator_rows(D: Discriminator) -> list[Row]:
     device = D.fromrgb.weight.device
     img = torch.zeros([1, D.img_channels, D.img_resolution, D.img_resolution], device=device)
     c = torch.zeros([1, D.c_dim], device=device)
-    entries = [("fromrgb", D.fromrgb, f"{D.img_channels} -> {D.fromrgb.out_channels}")]
+    entries: list[Entry] = [("fromrgb", D.fromrgb, f"{D.img_channels} -> {D.fromrgb.out_channels}")]
     for name, block in D.blocks.items():
         entries.append((name, block, f"{block.in_channels} -> {block.out_channels}"))
     if D.mapping is not None:
@@ -83,7 +86,7 @@ def discriminator_rows(D: Discriminator) -> list[Row]:
     return _rows(entries, lambda: D(img, c))
 
 
-def _rows(entries: list[tuple[str, nn.Module, str]], run: Callable[[], object]) -> list[Row]:
+def _rows(entries: list[Entry], run: Callable[[], object]) -> list[Row]:
     shapes = _output_shapes({name: module for name, module, _ in entries}, run)
     return [(name, ch, shapes[name], count_params(module)) for name, module, ch in entries]
 

@@ -70,7 +70,8 @@ def raw_decode_rate(urls: list[str], num_images: int) -> Rate:
     encoded: list[bytes] = []
     while len(encoded) < num_images:
         for url in urls:
-            encoded += [s[image_key(s)] for s in read_shard(url)][: num_images - len(encoded)]
+            images = [s[k] for s in read_shard(url) if (k := image_key(s)) is not None]
+            encoded += images[: num_images - len(encoded)]
     wall, cpu = time.perf_counter(), time.process_time()
     for data in encoded:
         with Image.open(io.BytesIO(data)) as img:

@@ -136,8 +136,8 @@ def decode_sample(data: bytes, resolution: int, channels: int) -> np.ndarray:
 
 
 # From this size on, RGB images are split into planes by PIL's raw encoder, one band at a
-# time; below it numpy's HWC -> CHW transpose is cheaper than three encoder calls. Measured
-# per image: 64 px 16.6 us (bands) vs 10.6 us (transpose); 128 px 22 vs 27; 256 px 45 vs 95.
+# time; below it numpy's HWC -> CHW transpose is cheaper than three encoder calls (the
+# crossover was measured: README, Performance).
 BANDS_MIN_RESOLUTION = 128
 
 
@@ -157,7 +157,7 @@ def decode_into(data: bytes, out: np.ndarray, *, flip: bool) -> None:
                 if channels == 3 and resolution >= BANDS_MIN_RESOLUTION:
                     _rgb_planes_into(img, out, flip)
                     return
-                # What np.asarray(img) gives, minus its slower path (~2 us at 64 px).
+                # What np.asarray(img) gives, minus its slower generic path.
                 pixels = np.frombuffer(img.tobytes(), np.uint8)
                 planes = pixels.reshape(resolution, resolution, channels).transpose(2, 0, 1)
             else:

@@ -8,10 +8,11 @@ sees each sample exactly once; after READ_ATTEMPTS the failure becomes one UserE
 naming the shard. `OpenAhead` opens the next s3:// shard while the current one is read.
 
 Tar members are read by `tar_members`, not by webdataset's tar_file_iterator: that one
-goes through `tarfile`'s stream mode at ~50 us per member; here one costs ~4 us
-(chunked reads into one buffer, a checksum through zlib), and `group_samples` groups
+goes through `tarfile`'s stream mode, an order of magnitude slower per member than
+chunked reads into one buffer with a checksum through zlib; `group_samples` groups
 them as webdataset's group_by_keys does, in a fraction of its time. At 64 px these
-costs are measurable against the ~130 us PNG decode (`sg2dist bench data`). Shards come
+costs are measurable against the PNG decode itself (`sg2dist bench data`; figures in
+the README, Performance). Shards come
 from `sg2dist prepare`, so plain USTAR with short names is all this reader needs;
 anything else is reported, not guessed at.
 """
@@ -56,7 +57,7 @@ def register_s3_scheme() -> None:
 
 
 def _byte_sum(block: bytes) -> int:
-    """sum(block) of a 512-byte tar header, five times faster than sum().
+    """sum(block) of a 512-byte tar header, without a Python loop over the bytes.
 
     Adler-32's low half is 1 + the byte sum modulo 65521, which is exact for 256 bytes
     (at most 256 * 255 = 65280).
@@ -158,9 +159,9 @@ def group_samples(members: Iterator[dict[str, Any]], url: str) -> Iterator[dict[
 class OpenAhead:
     """An s3:// shard opened in a background thread, one visit before it is read.
 
-    A shard's GET costs a request and the server's time to first byte, about 5 ms for a
-    2 MB shard from SeaweedFS here: 15 us per image of a 300-image 64 px shard when paid
-    in line. Opened ahead, it overlaps with the decoding of the shard before, and the body
+    A shard's GET costs a request and the server's time to first byte, paid in line
+    before the first image of the shard. Opened ahead, it overlaps with the decoding of
+    the shard before, and the body
     starts to arrive into the socket buffer meanwhile. The bytes are the same either way,
     so the stream stays a pure function of the seeds.
     """

@@ -78,7 +78,9 @@ class BatchRing:
         while not self._free[slot].acquire(timeout=WORKER_CHECK_S):
             # parent_process(), not getppid(): under forkserver (Python 3.14's default) the
             # OS parent is the server, not the trainer.
-            if not mp.parent_process().is_alive():  # the trainer is gone; nobody frees it
+            parent = mp.parent_process()
+            assert parent is not None  # only worker processes take slots
+            if not parent.is_alive():  # the trainer is gone; nobody frees it
                 raise SystemExit(0)
         self._next = (slot + 1) % RING_SLOTS
         return slot

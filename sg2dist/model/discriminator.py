@@ -114,6 +114,7 @@ class DiscriminatorEpilogue(nn.Module):
         x = self.out(self.fc(self.conv(x).flatten(1)))
         if self.cmap_dim > 0:
             # Projection discriminator: score = <out, embedding of c> / sqrt(cmap_dim).
+            assert cmap is not None  # the label mapping exists when cmap_dim > 0
             x = (x * cmap).sum(dim=1, keepdim=True) * (1.0 / math.sqrt(self.cmap_dim))
         return x
 

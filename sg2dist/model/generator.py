@@ -7,6 +7,8 @@ ws [N, num_ws, w_dim], images [N, img_channels, R, R] in about [-1, 1].
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -55,6 +57,8 @@ class MappingNetwork(nn.Module):
     z_dim=0 to embed labels (num_ws=None, no w_avg).
     """
 
+    w_avg: torch.Tensor  # buffer, registered when num_ws and w_avg_beta are set
+
     def __init__(
         self,
         z_dim: int,
@@ -86,13 +90,14 @@ class MappingNetwork(nn.Module):
     def forward(
         self,
         z: torch.Tensor | None,
-        c: torch.Tensor | None,
+        c: torch.Tensor,
         truncation_psi: float = 1.0,
         truncation_cutoff: int | None = None,
         update_emas: bool = False,
     ) -> torch.Tensor:
         parts = []
         if self.z_dim > 0:
+            assert z is not None  # only the discriminator's label mapping (z_dim=0) has no z
             parts.append(normalize_2nd_moment(at_least_fp32(z)))
         if self.embed is not None:
             parts.append(normalize_2nd_moment(self.embed(at_least_fp32(c))))
@@ -124,6 +129,9 @@ class MappingNetwork(nn.Module):
 
 class SynthesisLayer(nn.Module):
     """Modulated 3x3 conv (optionally 2x upsampling) + per-pixel noise + bias + leaky ReLU."""
+
+    noise_const: torch.Tensor  # buffers
+    fir: torch.Tensor
 
     def __init__(
         self,
@@ -207,6 +215,8 @@ class ToRGB(nn.Module):
 class SynthesisBlock(nn.Module):
     """One resolution: (const 4x4 | conv0 with 2x up), conv1, toRGB added to the upsampled image."""
 
+    fir: torch.Tensor  # buffer
+
     def __init__(
         self,
         in_channels: int,
@@ -254,6 +264,7 @@ class SynthesisBlock(nn.Module):
             x = conv_layout(self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1))
             x = self.conv1(x, ws[:, 0], noise_mode, fused_modconv)
         else:
+            assert x is not None  # every block but the first (conv0 None) gets features
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, fused_modconv)
             x = self.conv1(x, ws[:, 1], noise_mode, fused_modconv)
         y = self.torgb(x, ws[:, self.num_conv], fused_modconv).to(ws.dtype)
@@ -298,7 +309,8 @@ class SynthesisNetwork(nn.Module):
                 conv_clamp=conv_clamp,
             )
         # Each block's toRGB shares its w with the next block's first conv.
-        self.num_ws = sum(block.num_conv for block in self.blocks.values()) + 1
+        blocks = cast("Iterable[SynthesisBlock]", self.blocks.values())
+        self.num_ws = sum(block.num_conv for block in blocks) + 1
 
     def forward(
         self, ws: torch.Tensor, noise_mode: str = "random", fused_modconv: bool | None = None
@@ -313,10 +325,11 @@ class SynthesisNetwork(nn.Module):
         ws = at_least_fp32(ws)
         x = img = None
         w_idx = 0
-        for block in self.blocks.values():
+        for block in cast("Iterable[SynthesisBlock]", self.blocks.values()):
             block_ws = ws.narrow(1, w_idx, block.num_conv + 1)
             x, img = block(x, img, block_ws, noise_mode, fused)
             w_idx += block.num_conv
+        assert img is not None  # there is always a 4x4 block
         return img.contiguous()  # callers get a plain NCHW image
 
 

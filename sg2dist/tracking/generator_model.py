@@ -11,20 +11,24 @@ import dataclasses
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import Model, ModelSignature
+from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from sg2dist.config import ModelConfig
 from sg2dist.sampling import one_hot, to_uint8, z_from_seeds
 
+if TYPE_CHECKING:
+    from sg2dist.model import Generator
 
-class GeneratorModel(mlflow.pyfunc.PythonModel):
+
+class GeneratorModel(PythonModel):
     """pyfunc wrapper of G_ema: one row per image, columns `seed` or `z`, optional `psi`
     (truncation, default 1) and `class_idx` (conditional models); returns uint8 images
     [N, H, W, C]. z for a seed is `np.random.RandomState(seed).randn(z_dim)`."""
@@ -46,7 +50,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         return _generate_images(self.G, model_input, params or {}, self.device)
 
 
-def _latents_from_rows(G: torch.nn.Module, rows: Any) -> np.ndarray:
+def _latents_from_rows(G: Generator, rows: Any) -> np.ndarray:
     if "z" in rows.columns and rows["z"].notna().all():
         z = np.stack([np.asarray(z_row, dtype=np.float64) for z_row in rows["z"]])
         if z.shape[1] != G.z_dim:
@@ -58,7 +62,7 @@ def _latents_from_rows(G: torch.nn.Module, rows: Any) -> np.ndarray:
 
 
 def _generate_images(
-    G: torch.nn.Module, rows: Any, params: dict[str, Any], device: torch.device
+    G: Generator, rows: Any, params: dict[str, Any], device: torch.device
 ) -> np.ndarray:
     z = torch.from_numpy(_latents_from_rows(G, rows)).float().to(device)
     psi = rows["psi"].fillna(1.0).to_numpy() if "psi" in rows.columns else np.ones(len(rows))
@@ -85,7 +89,7 @@ def _generate_images(
 
 
 def _generator_signature(model_cfg: ModelConfig) -> ModelSignature:
-    columns = [
+    columns: list[ColSpec | TensorSpec] = [
         ColSpec("long", "seed", required=False),
         ColSpec(Array("double"), "z", required=False),
         ColSpec("double", "psi", required=False),

@@ -165,6 +165,8 @@ def _env(overrides: dict[str, str]) -> Iterator[None]:
 class Tracker(NullTracker):
     """One MLflow run seen from the main process; made by `start`."""
 
+    run_id: str  # always set: `start` opens or continues a run
+
     retry_interval_s = 30.0  # after a failure, skip MLflow calls this long
     warn_interval_s = 60.0  # at most one "MLflow unreachable" warning per this many seconds
 

@@ -12,6 +12,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -65,7 +66,9 @@ def run_step_bench(settings: StepBenchSettings) -> dict[str, float]:
     if settings.compile:
         # Main phases compiled; R1 and path length (double backward) stay eager.
         nets.G_reg_ddp, nets.D_reg_ddp = nets.G_ddp, nets.D_ddp
-        nets.G_ddp, nets.D_ddp = torch.compile(nets.G_ddp), torch.compile(nets.D_ddp)
+        # torch.compile's stub returns a plain callable; for a Module it is an OptimizedModule.
+        nets.G_ddp = cast(torch.nn.Module, torch.compile(nets.G_ddp))
+        nets.D_ddp = cast(torch.nn.Module, torch.compile(nets.D_ddp))
     ctx = build_step_context(cfg, acc)
     state = StepState()
     batch = settings.batch

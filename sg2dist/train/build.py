@@ -12,6 +12,7 @@ import copy
 import datetime
 import os
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from accelerate import Accelerator
@@ -32,7 +33,7 @@ from sg2dist.data import (
     open_manifest,
 )
 from sg2dist.errors import UserError
-from sg2dist.model import build_networks
+from sg2dist.model import Discriminator, Generator, build_networks
 from sg2dist.model.layers import use_conv_layout_
 from sg2dist.tracking import NullTracker, start_tracker
 from sg2dist.train import checkpoint as ckpt
@@ -184,8 +185,8 @@ def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
     return Nets(
         G_ddp=G_ddp,
         D_ddp=D_ddp,
-        G_net=accelerator.unwrap_model(G_ddp),
-        D_net=accelerator.unwrap_model(D_ddp),
+        G_net=cast(Generator, accelerator.unwrap_model(G_ddp)),
+        D_net=cast(Discriminator, accelerator.unwrap_model(D_ddp)),
         G_ema=G_ema,
         G_opt=G_opt,
         D_opt=D_opt,

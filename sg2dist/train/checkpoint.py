@@ -27,7 +27,7 @@ import json
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from sg2dist import __version__, storage
 from sg2dist.config import Config, config_from_dict
 from sg2dist.errors import UserError
 from sg2dist.train.step import Nets, StepState
+
+if TYPE_CHECKING:
+    from sg2dist.model import Generator
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -185,7 +188,9 @@ def prune_checkpoints(
     return removed
 
 
-def load_generator(url: str, device: str | torch.device = "cpu"):
+def load_generator(
+    url: str, device: str | torch.device = "cpu"
+) -> tuple[Generator, Config, dict[str, Any]]:
     """(G_ema in eval mode on `device`, the run's Config, meta) from a run or step folder."""
     from sg2dist.model import build_networks
 

@@ -22,12 +22,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sg2dist.config import TrainConfig
 from sg2dist.train import loss as L
+
+if TYPE_CHECKING:
+    from sg2dist.model import Discriminator, Generator
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,9 @@ class Nets:
 
     G_ddp: torch.nn.Module
     D_ddp: torch.nn.Module
-    G_net: torch.nn.Module
-    D_net: torch.nn.Module
-    G_ema: torch.nn.Module
+    G_net: Generator
+    D_net: Discriminator
+    G_ema: Generator
     G_opt: torch.optim.Optimizer
     D_opt: torch.optim.Optimizer
     # The regularisation phases need double backward, which torch.compile does not support:
@@ -78,10 +84,10 @@ class StepContext:
     phases: list[Phase]
     rank: int
     world_size: int
-    backward: callable  # accelerator.backward
-    no_sync: callable  # accelerator.no_sync(model) -> context
-    autocast: callable  # accelerator.autocast() -> context
-    reduce_mean: callable  # tensor -> mean over ranks
+    backward: Callable[[torch.Tensor], None]  # accelerator.backward
+    no_sync: Callable[[torch.nn.Module], AbstractContextManager[Any]]  # accelerator.no_sync
+    autocast: Callable[[], AbstractContextManager[Any]]  # accelerator.autocast
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # tensor -> mean over ranks
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     mbstd_group: int = 4  # D's minibatch-stddev group (model.mbstd_group)
     # Per-phase loss statistics since the last tick; device tensors, so no sync per step.
@@ -253,7 +259,7 @@ def update_ema(
     if ema_rampup is not None:
         ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
     beta = 0.5 ** (batch / max(ema_nimg, 1e-8))
-    ema_params = list(G_ema.parameters())
+    ema_params: list[torch.Tensor] = list(G_ema.parameters())
     params = [p.detach() for p in G_net.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - beta)
     for b_ema, b in zip(G_ema.buffers(), G_net.buffers(), strict=True):
