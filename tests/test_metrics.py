@@ -1,4 +1,4 @@
-"""FID/KID plumbing (sg2dist.metrics, `sg2dist metrics`) on a tiny prepared dataset.
+"""FID/KID plumbing (sg2dist.metrics) on a tiny prepared dataset.
 
 The real Inception weights (weights-inception-2015-12-05-6726825d.pth, 95,628,359 bytes)
 cannot be downloaded on the test machines. The tests build their own weights file:
@@ -14,68 +14,26 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from support.datasets import METRICS_RESOLUTION as RESOLUTION
+from support.datasets import copy_of
+from support.tiny import tiny_model_config
 from torch import nn
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from sg2dist import cli
-from sg2dist.config import Config, ModelConfig
 from sg2dist.data import iter_images, open_manifest
-from sg2dist.data.imageops import ConvertSettings
-from sg2dist.data.prepare import prepare_dataset
 from sg2dist.errors import UserError
 from sg2dist.metrics import CACHE_FOLDER, compute_metrics, frechet_distance, parse_metric
 from sg2dist.model import build_networks
-from sg2dist.train.checkpoint import save_checkpoint
 
-RESOLUTION = 16
-NUM_IMAGES = 16
-TINY_G = ModelConfig(
-    resolution=RESOLUTION,
-    img_channels=3,
-    z_dim=16,
-    w_dim=16,
-    map_layers=2,
-    channel_base=256,
-    channel_max=32,
-)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """16 smooth random RGB images, 16 px, in 3 shards, made by `prepare`'s own code."""
-    root = tmp_path_factory.mktemp("metrics-data")
-    rng = np.random.default_rng(0)
-    (root / "src").mkdir()
-    for i in range(NUM_IMAGES):
-        coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
-        image.save(root / "src" / f"{i:02d}.png")
-    settings = ConvertSettings(resolution=RESOLUTION)
-    prepare_dataset(
-        str(root / "src"),
-        str(root / "dataset"),
-        settings,
-        labels="none",
-        shard_size=6,
-        progress=False,
-    )
-    return str(root / "dataset")
-
-
-def copy_of(dataset_url: str, folder: Path) -> str:
-    """A private copy the test may damage (and whose cache starts empty)."""
-    return str(shutil.copytree(dataset_url, folder / "dataset"))
+TINY_G = tiny_model_config(resolution=RESOLUTION, z_dim=16, w_dim=16)
 
 
 def _sha256_prefix(path: str) -> str:
@@ -108,9 +66,9 @@ class NoiseGenerator(nn.Module):
 
 
 def test_fid_is_zero_for_the_dataset_itself_large_for_noise_and_reals_come_from_the_cache(
-    dataset: str, inception_weights: str, tmp_path: Path
+    metrics_dataset: str, inception_weights: str, tmp_path: Path
 ) -> None:
-    data_url = copy_of(dataset, tmp_path)
+    data_url = copy_of(metrics_dataset, tmp_path)
     reals = torch.from_numpy(np.stack([img for img, _ in iter_images(data_url)]))
     options = {"device": "cpu", "inception_weights": inception_weights, "batch": 8}
 
@@ -135,14 +93,14 @@ def test_fid_is_zero_for_the_dataset_itself_large_for_noise_and_reals_come_from_
 
 
 def test_missing_inception_weights_offline_is_one_error_naming_the_file(
-    dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    metrics_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached copy
     for var in ("https_proxy", "HTTPS_PROXY"):  # a proxy that refuses: offline, for sure
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     G = NoiseGenerator()
     with pytest.raises(UserError) as error:
-        compute_metrics(G, dataset, ["fid16"], device="cpu")
+        compute_metrics(G, metrics_dataset, ["fid16"], device="cpu")
     message = str(error.value)
     for fact in (
         "weights-inception-2015-12-05-6726825d.pth",
@@ -156,7 +114,11 @@ def test_missing_inception_weights_offline_is_one_error_naming_the_file(
 
     with pytest.raises(UserError, match="does not exist"):
         compute_metrics(
-            G, dataset, ["fid16"], device="cpu", inception_weights=str(tmp_path / "missing.pth")
+            G,
+            metrics_dataset,
+            ["fid16"],
+            device="cpu",
+            inception_weights=str(tmp_path / "missing.pth"),
         )
 
 
@@ -187,9 +149,9 @@ def _free_port() -> int:
 
 
 def test_two_ranks_split_the_work_and_get_the_single_process_scores(
-    dataset: str, inception_weights: str, tmp_path: Path
+    metrics_dataset: str, inception_weights: str, tmp_path: Path
 ) -> None:
-    split_data = copy_of(dataset, tmp_path / "split")
+    split_data = copy_of(metrics_dataset, tmp_path / "split")
     (tmp_path / "worker.py").write_text(WORKER)
     init = f"tcp://127.0.0.1:{_free_port()}"
     model_json = json.dumps(dataclasses.asdict(TINY_G))
@@ -212,7 +174,7 @@ def test_two_ranks_split_the_work_and_get_the_single_process_scores(
     ]
     torch.manual_seed(0)
     G, _ = build_networks(TINY_G)
-    single_data = copy_of(dataset, tmp_path / "single")
+    single_data = copy_of(metrics_dataset, tmp_path / "single")
     single = compute_metrics(
         G,
         single_data,
@@ -256,31 +218,3 @@ def test_metric_names_give_the_generated_image_count_and_bad_names_are_user_erro
     for bad in ("fid", "fid50m", "ssim10k", "fid1"):
         with pytest.raises(UserError, match="fid50k"):
             parse_metric(bad)
-
-
-def test_metrics_command_scores_a_checkpoint_and_prints_json(
-    dataset: str, inception_weights: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    data_url = copy_of(dataset, tmp_path)
-    cfg = Config()
-    cfg.model = TINY_G
-    cfg.data.url = data_url
-    cfg.metrics.inception_weights = inception_weights  # the command's default
-    torch.manual_seed(0)
-    G, _ = build_networks(TINY_G)
-    run_dir = str(tmp_path / "run")
-    save_checkpoint(run_dir, 1000, {"G_ema": G.state_dict()}, {"config": cfg.to_dict()})
-
-    started = time.monotonic()
-    code = cli.main(
-        ["metrics", "--checkpoint", run_dir, "--metrics", "fid4,kid4", "--batch", "4", "--json"]
-    )
-    assert code == 0, capsys.readouterr().err
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["checkpoint"] == run_dir and report["data"] == data_url
-    assert set(report["metrics"]) == {"fid4", "kid4"}
-    assert all(np.isfinite(v) and v > 0 for v in report["metrics"].values())
-    assert time.monotonic() - started < 60
-
-    assert cli.main(["metrics", "--checkpoint", run_dir, "--metrics", "fidd"]) == 2
-    assert "metric 'fidd' is not known" in capsys.readouterr().err

@@ -2,25 +2,18 @@
 
 import pytest
 import torch
+from support.tiny import tiny_model_config
 
-from sg2dist.config import ModelConfig
 from sg2dist.model import build_networks
-
-SMALL = dict(resolution=16, z_dim=32, w_dim=32, map_layers=2, channel_base=256, channel_max=32)
-
-
-def small_config(**overrides) -> ModelConfig:
-    cfg = ModelConfig(**{**SMALL, **overrides})
-    cfg.validate()
-    return cfg
 
 
 @pytest.fixture
 def small_nets():
-    """Factory: small_nets(**ModelConfig overrides) -> (G, D), seeded for repeatability."""
+    """Factory: small_nets(**ModelConfig overrides) -> (G, D), seeded for repeatability;
+    overrides apply to support.tiny.TINY_MODEL."""
 
     def build(seed: int = 0, **overrides):
         torch.manual_seed(seed)
-        return build_networks(small_config(**overrides))
+        return build_networks(tiny_model_config(**overrides))
 
     return build

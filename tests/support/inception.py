@@ -16,7 +16,7 @@ from torch_fidelity import FeatureExtractorInceptionV3
 class _ArchitectureOnly(FeatureExtractorInceptionV3):
     """torch-fidelity's Inception with its random initial weights (loading is skipped)."""
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ARG002
+    def load_state_dict(self, state_dict, strict=True, assign=False):
         return None
 
 

@@ -18,24 +18,34 @@ database across restarts:
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.s3 import LOCAL_STACK, SeaweedFS, read_local_stack_exports
+from support.local_stack import LocalStackService
+from support.s3 import SeaweedFS
+
+from sg2dist.config import Config
 
 
-class MlflowServer:
+class MlflowServer(LocalStackService):
     """`local-stack --services mlflow` in `workdir`, artifacts in s3://<bucket>/mlflow."""
 
+    services = "mlflow"
+    port_flag = "--mlflow-port"
+    port_export = "MLFLOW_TRACKING_URI"
+    log_file = "mlflow.log"
+    display_name = "mlflow server"
+    start_timeout_s = 90.0
+    # local-stack gets the start timeout itself (--timeout); allow it time to report.
+    ready_grace_s = 10.0
+    # The server has worker processes to stop too.
+    stop_timeout_s = 30.0
+
     def __init__(self, workdir: str | Path, s3: SeaweedFS, *, bucket: str = "") -> None:
-        self.workdir = str(workdir)
+        super().__init__(workdir, bucket or s3.bucket)  # the bucket must exist already
         self.s3 = s3
-        self.bucket = bucket or s3.bucket  # must exist already
-        self.port = 0  # chosen at the first start, kept across restarts
-        self._process: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
@@ -45,54 +55,15 @@ class MlflowServer:
         """Variables a subprocess needs to log to this server (merge into os.environ)."""
         return {"MLFLOW_TRACKING_URI": self.uri}
 
-    def start(self, timeout_s: float = 90.0) -> MlflowServer:
-        command = [
-            sys.executable,
-            str(LOCAL_STACK),
-            "--dir",
-            self.workdir,
-            "--services",
-            "mlflow",
-            "--bucket",
-            self.bucket,
-            "--mlflow-port",
-            str(self.port),
-            "--timeout",
-            str(timeout_s),
-        ]
+    def _command(self, timeout_s: float) -> list[str]:
+        return [*super()._command(timeout_s), "--timeout", str(timeout_s)]
+
+    def _env(self) -> dict[str, str]:
+        """This process's environment without MLFLOW_* (a tracking URI set by a test must
+        not leak into the server), plus the S3 credentials, which only the server gets."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env.update(self.s3.env())
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL
-        )
-        uri = self._read_exports(timeout_s + 10).get("MLFLOW_TRACKING_URI", "")
-        self.port = int(uri.rsplit(":", 1)[1])
-        return self
-
-    def _read_exports(self, timeout_s: float) -> dict[str, str]:
-        assert self._process is not None
-        exports = read_local_stack_exports(self._process, timeout_s)
-        if exports is not None:
-            return exports
-        self.stop()
-        log = Path(self.workdir, "mlflow.log")
-        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-        raise RuntimeError(f"mlflow server did not start within {timeout_s}s; log tail:\n{tail}")
-
-    def stop(self) -> None:
-        """Stop local-stack, which stops the server and its worker processes."""
-        if self._process is None:
-            return
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        if self._process.stdout is not None:
-            self._process.stdout.close()
-        self._process = None
+        return env
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +76,13 @@ def mlflow_server(
         yield server
     finally:
         server.stop()
+
+
+def tracking_config(tmp_path: Path, uri: str) -> Config:
+    """A Config that logs to `uri` under a fresh experiment, run folder tmp_path/runs/cats."""
+    cfg = Config()
+    cfg.run.dir = str(tmp_path / "runs" / "cats")
+    cfg.tracking.uri = uri
+    cfg.tracking.experiment = f"test-{uuid.uuid4().hex[:8]}"
+    cfg.tracking.system_metrics = False
+    return cfg

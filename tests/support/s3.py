@@ -17,64 +17,39 @@ Tests that must stop or restart a server build their own `SeaweedFS(tmp_path)`.
 from __future__ import annotations
 
 import os
-import queue
-import subprocess
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.local_stack import LocalStackService
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LOCAL_STACK = REPO_ROOT / "launch" / "local-stack"
-READY_LINE = "# local-stack ready"
 DEFAULT_BUCKET = "sg2dist-test"
 
 
-def read_local_stack_exports(process: subprocess.Popen, timeout_s: float) -> dict[str, str] | None:
-    """The export lines `local-stack` prints before its ready line; None if it exited or
-    was not ready within `timeout_s`."""
-    assert process.stdout is not None
-    # A reader thread, not select(): a buffered readline can swallow the ready line.
-    lines: queue.Queue[str] = queue.Queue()
-    stdout = process.stdout
-    threading.Thread(
-        target=lambda: [lines.put(line) for line in stdout] + [lines.put("")], daemon=True
-    ).start()
-    exports: dict[str, str] = {}
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if not line:  # local-stack exited before it was ready
-            return None
-        if line.startswith("export "):
-            key, _, value = line[len("export ") :].strip().partition("=")
-            exports[key] = value
-        elif line.startswith(READY_LINE):
-            return exports
-    return None
-
-
-class SeaweedFS:
+class SeaweedFS(LocalStackService):
     """One SeaweedFS S3 gateway run by launch/local-stack in `workdir`."""
 
+    services = "s3"
+    port_flag = "--s3-port"
+    port_export = "AWS_ENDPOINT_URL_S3"
+    log_file = "seaweedfs.log"
+    display_name = "SeaweedFS"
+    start_timeout_s = 60.0
+    stop_timeout_s = 20.0
+
     def __init__(self, workdir: str | Path, *, bucket: str = DEFAULT_BUCKET) -> None:
-        self.workdir = str(workdir)
-        self.bucket = bucket
-        self.exports: dict[str, str] = {}
-        self.s3_port = 0
-        self._process: subprocess.Popen | None = None
+        super().__init__(workdir, bucket)
 
     @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+    def s3_port(self) -> int:
+        """The S3 gateway's port (0 before the first start); kept across restarts."""
+        return self.port
+
+    @s3_port.setter
+    def s3_port(self, value: int) -> None:
+        self.port = value
 
     @property
     def endpoint_url(self) -> str:
@@ -87,49 +62,6 @@ class SeaweedFS:
     @property
     def secret_key(self) -> str:
         return self.exports["AWS_SECRET_ACCESS_KEY"]
-
-    def start(self, timeout_s: float = 60.0) -> SeaweedFS:
-        """Start (or restart on the same port, data and keys) and wait until it serves."""
-        command = [
-            sys.executable,
-            str(LOCAL_STACK),
-            "--dir",
-            self.workdir,
-            "--services",
-            "s3",
-            "--bucket",
-            self.bucket,
-            "--s3-port",
-            str(self.s3_port),
-        ]
-        self._process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
-        )
-        self.exports = self._read_exports(timeout_s)
-        self.s3_port = int(self.endpoint_url.rsplit(":", 1)[1])
-        return self
-
-    def _read_exports(self, timeout_s: float) -> dict[str, str]:
-        exports = read_local_stack_exports(self._process, timeout_s)
-        if exports is not None:
-            return exports
-        self.stop()
-        log = Path(self.workdir, "seaweedfs.log")
-        tail = log.read_text()[-2000:] if log.exists() else ""
-        raise RuntimeError(f"SeaweedFS did not start within {timeout_s}s; log tail:\n{tail}")
-
-    def stop(self) -> None:
-        """Stop local-stack, which stops weed (SIGKILL after a grace period)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        if self._process is not None and self._process.stdout is not None:
-            self._process.stdout.close()
-        self._process = None
 
     def env(self, **extra: str) -> dict[str, str]:
         """Variables a subprocess needs to use this server (merge into os.environ)."""

@@ -6,12 +6,19 @@ Under torchrun each rank takes the micro-batches that the global layout assigns 
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
+# Run as a script (`python ddp_equivalence_worker.py`, or by torchrun), so pytest's
+# `pythonpath = ["tests"]` does not apply: put tests/ on the path for `support`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from support.tiny import tiny_model_sets
+
 from sg2dist.config import load_config
-from sg2dist.train.loop import build_nets, build_step_context, make_accelerator
-from sg2dist.train.step import train_step, update_ema
+from sg2dist.train.build import build_nets, build_step_context, make_accelerator
+from sg2dist.train.step import StepState, train_step, update_ema
 
 
 def main() -> None:
@@ -20,13 +27,7 @@ def main() -> None:
     cfg = load_config(
         None,
         [
-            "model.resolution=16",
-            "model.img_channels=3",
-            "model.z_dim=32",
-            "model.w_dim=32",
-            "model.map_layers=2",
-            "model.channel_base=256",
-            "model.channel_max=32",
+            *tiny_model_sets(),
             f"train.batch={batch}",
             f"train.batch_gpu={batch_gpu}",
             f"train.precision={precision}",
@@ -41,6 +42,7 @@ def main() -> None:
     _, accum = cfg.train.batch_layout(acc.num_processes)
     nets = build_nets(cfg, acc)
     ctx = build_step_context(cfg, acc)
+    state = StepState()
     data = torch.Generator().manual_seed(1234)
     reals = torch.rand(steps * batch, 3, 16, 16, generator=data) * 2 - 1
     for step in range(steps):
@@ -49,7 +51,7 @@ def main() -> None:
             j = round_idx * acc.num_processes + acc.process_index
             start = step * batch + j * batch_gpu
             micro_batches.append((reals[start : start + batch_gpu], torch.zeros(batch_gpu, 0)))
-        train_step(ctx, nets, step, micro_batches)
+        train_step(ctx, nets, state, step, micro_batches)
         update_ema(
             nets.G_ema,
             nets.G_net,
@@ -69,7 +71,7 @@ def main() -> None:
                 "G": params(nets.G_net),
                 "D": params(nets.D_net),
                 "G_ema": params(nets.G_ema),
-                "pl_mean": ctx.pl_mean,
+                "pl_mean": state.pl_mean,
             },
             out,
         )

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from support.tiny import TINY_8PX_MODEL, tiny_model_sets
 
 from sg2dist.train import loss as L
 
@@ -104,8 +105,7 @@ def test_one_d_call_on_fakes_and_reals_equals_two_separate_calls():
     from sg2dist.config import load_config
     from sg2dist.model import build_networks
 
-    cfg = load_config(None, ["model.resolution=8", "model.channel_base=64", "model.channel_max=16",
-                             "model.z_dim=8", "model.w_dim=8", "model.map_layers=1"])  # fmt: skip
+    cfg = load_config(None, tiny_model_sets(TINY_8PX_MODEL))
     torch.manual_seed(0)
     G, D = build_networks(cfg.model)
     real, z, c = torch.randn(8, 3, 8, 8), torch.randn(8, 8), torch.zeros(8, 0)

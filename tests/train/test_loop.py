@@ -10,35 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.tiny import TRAIN_CLI_SETS, set_args
 
 from sg2dist.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = [
-    "model.resolution=32",
-    "model.img_channels=1",
-    "model.z_dim=32",
-    "model.w_dim=32",
-    "model.map_layers=2",
-    "model.channel_base=256",
-    "model.channel_max=32",
-    "train.batch=8",
-    "train.batch_gpu=4",
-    "train.pl_interval=2",
-    "train.r1_interval=2",
-    "data.workers=2",
-    "data.shuffle_buffer=32",
-    "run.tick_kimg=0.016",
-    "run.snapshot_kimg=10",
-    "tracking.enabled=false",
-]
-
 
 def train_cmd(run_dir: str, data_url: str, kimg: float, *extra: str, args=()) -> list[str]:
-    sets = [*TINY, f"run.dir={run_dir}", f"data.url={data_url}", f"train.kimg={kimg}", *extra]
-    overrides = [a for s in sets for a in ("--set", s)]
-    return [sys.executable, "-m", "sg2dist", "train", *overrides, *args]
+    sets = [*TRAIN_CLI_SETS, f"run.dir={run_dir}", f"data.url={data_url}", f"train.kimg={kimg}"]
+    return [sys.executable, "-m", "sg2dist", "train", *set_args([*sets, *extra]), *args]
 
 
 def run_train(

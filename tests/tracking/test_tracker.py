@@ -5,57 +5,28 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from support.mlflow_server import MlflowServer
+from support.mlflow_server import MlflowServer, tracking_config
 
-from sg2dist import cli
-from sg2dist.config import Config, ModelConfig
+from sg2dist.config import Config
 from sg2dist.errors import UserError
-from sg2dist.model import build_networks
-from sg2dist.tracking import Tracker
-from sg2dist.train.checkpoint import save_checkpoint
+from sg2dist.tracking import NullTracker, start_tracker
+from sg2dist.tracking.tracker import Tracker
 
 SECRETS = ("SECRETPASS42", "SECRETTOKEN42", "SECRETTAG42", "SECRETENV42", "SECRETKEY42")
-
-
-def make_config(tmp_path: Path, uri: str) -> Config:
-    cfg = Config()
-    cfg.run.dir = str(tmp_path / "runs" / "cats")
-    cfg.tracking.uri = uri
-    cfg.tracking.experiment = f"test-{uuid.uuid4().hex[:8]}"
-    cfg.tracking.system_metrics = False
-    return cfg
-
-
-def tiny_generator(img_channels: int = 3) -> tuple[torch.nn.Module, ModelConfig]:
-    model_cfg = ModelConfig(
-        resolution=16,
-        img_channels=img_channels,
-        z_dim=16,
-        w_dim=16,
-        map_layers=2,
-        channel_base=256,
-        channel_max=32,
-    )
-    torch.manual_seed(0)
-    G, _ = build_networks(model_cfg)
-    return G.eval(), model_cfg
 
 
 def test_start_logs_flattened_config_and_tags_with_every_secret_redacted(
     mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRETENV42")
-    cfg = make_config(tmp_path, mlflow_server.uri)
+    cfg = tracking_config(tmp_path, mlflow_server.uri)
     cfg.data.url = "https://loader:SECRETPASS42@data.example.com/cats?token=SECRETTOKEN42"
     cfg.metrics.inception_weights = "s3://weights/inception.pth?X-Amz-Credential=SECRETENV42"
     tags = {
@@ -65,7 +36,7 @@ def test_start_logs_flattened_config_and_tags_with_every_secret_redacted(
         "api_key": "SECRETKEY42",
     }
 
-    tracker = Tracker.start(cfg, is_main=True, run_id=None, tags=tags)
+    tracker = Tracker.start(cfg, run_id=None, tags=tags)
     tracker.set_tag("checkpoint", "https://u:SECRETTAG42@store/ckpt/000100")
     tracker.log_metrics({"Loss/G": 0.5}, step=1)
     tracker.end()
@@ -87,9 +58,7 @@ def test_start_logs_flattened_config_and_tags_with_every_secret_redacted(
 def test_metrics_logged_at_explicit_steps_read_back_in_order(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    tracker = Tracker.start(
-        make_config(tmp_path, mlflow_server.uri), is_main=True, run_id=None, tags={}
-    )
+    tracker = Tracker.start(tracking_config(tmp_path, mlflow_server.uri), run_id=None, tags={})
     for step, loss in [(4, 1.5), (8, 1.25), (12, 1.0)]:
         tracker.log_metrics({"Loss/G": loss, "Progress/kimg": step}, step=step)
     tracker.end()
@@ -105,9 +74,7 @@ def test_metrics_logged_at_explicit_steps_read_back_in_order(
 def test_a_metric_the_server_refuses_is_dropped_and_logging_goes_on(
     mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    tracker = Tracker.start(
-        make_config(tmp_path, mlflow_server.uri), is_main=True, run_id=None, tags={}
-    )
+    tracker = Tracker.start(tracking_config(tmp_path, mlflow_server.uri), run_id=None, tags={})
     tracker.log_metrics({"Loss/G": 1.0}, step=1)
     tracker.log_metrics({"bad|name": 2.0}, step=2)  # MLflow allows no "|" in metric names
     tracker.log_metrics({"Loss/G": 3.0}, step=3)
@@ -121,9 +88,7 @@ def test_a_metric_the_server_refuses_is_dropped_and_logging_goes_on(
 def test_image_series_stored_in_s3_through_the_server_with_exact_pixels(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    tracker = Tracker.start(
-        make_config(tmp_path, mlflow_server.uri), is_main=True, run_id=None, tags={}
-    )
+    tracker = Tracker.start(tracking_config(tmp_path, mlflow_server.uri), run_id=None, tags={})
     rng = np.random.default_rng(0)
     grid_step4 = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     grid_step8 = rng.integers(0, 256, (24, 32, 1), dtype=np.uint8)  # greyscale dataset
@@ -152,45 +117,16 @@ def test_image_series_stored_in_s3_through_the_server_with_exact_pixels(
     assert any(tracker.run_id in key and key.endswith(".png") for key in keys)
 
 
-def test_logged_generator_loads_back_as_pyfunc_and_reproduces_g_ema_images(
-    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    G, model_cfg = tiny_generator()
-    cfg = make_config(tmp_path, mlflow_server.uri)
-    cfg.model = model_cfg
-    register_name = f"g-ema-{uuid.uuid4().hex[:6]}"
-    tracker = Tracker.start(cfg, is_main=True, run_id=None, tags={})
-    model_uri = tracker.log_generator(G, cfg, register_name=register_name)
-    tracker.end()
-    assert model_uri
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    images = model.predict(pd.DataFrame({"seed": [0, 1, 2], "psi": [1.0, 0.5, 1.0]}))
-    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
-    z = torch.from_numpy(np.random.RandomState(1).randn(1, 16)).float()
-    with torch.no_grad():
-        expected = G(z, torch.zeros(1, 0), truncation_psi=0.5, noise_mode="const")
-    expected_uint8 = (expected * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    np.testing.assert_array_equal(images[1], expected_uint8[0].permute(1, 2, 0).numpy())
-    by_z = model.predict(pd.DataFrame({"z": [z[0].tolist()], "psi": [0.5]}))
-    np.testing.assert_array_equal(by_z[0], images[1])
-
-    assert model.metadata.get_input_schema().input_names() == ["seed", "z", "psi"]
-    versions = MlflowClient(mlflow_server.uri).search_model_versions(f"name='{register_name}'")
-    assert [v.version for v in versions] == ["1"]
-
-
 def test_resumed_run_id_appends_metrics_to_the_same_run(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    cfg = make_config(tmp_path, mlflow_server.uri)
-    first = Tracker.start(cfg, is_main=True, run_id=None, tags={})
+    cfg = tracking_config(tmp_path, mlflow_server.uri)
+    first = Tracker.start(cfg, run_id=None, tags={})
     first.log_metrics({"Loss/D": 2.0}, step=1)
     first.end("KILLED")  # e.g. a preempted pod
 
     cfg.train.kimg = 50.0  # a resume may change the config; params keep their first values
-    second = Tracker.start(cfg, is_main=True, run_id=first.run_id, tags={})
+    second = Tracker.start(cfg, run_id=first.run_id, tags={})
     client = MlflowClient(mlflow_server.uri)
     assert client.get_run(first.run_id).info.status == "RUNNING"
     second.log_metrics({"Loss/D": 1.0}, step=2)
@@ -209,9 +145,7 @@ def test_server_down_mid_run_warns_once_per_minute_keeps_metrics_and_resumes(
 ) -> None:
     server = MlflowServer(tmp_path / "mlflow", s3_server).start()
     try:
-        tracker = Tracker.start(
-            make_config(tmp_path, server.uri), is_main=True, run_id=None, tags={}
-        )
+        tracker = Tracker.start(tracking_config(tmp_path, server.uri), run_id=None, tags={})
         tracker.retry_interval_s = 0.2  # retry quickly; keep the 60 s warning interval
         tracker.log_metrics({"Loss/G": 1.0}, step=1)
         server.stop()
@@ -239,10 +173,10 @@ def test_server_down_mid_run_warns_once_per_minute_keeps_metrics_and_resumes(
 
 
 def test_unusable_uri_at_start_is_one_user_error_without_secrets(tmp_path: Path) -> None:
-    cfg = make_config(tmp_path, "http://admin:SECRETPASS42@127.0.0.1:9")  # nothing listens
+    cfg = tracking_config(tmp_path, "http://admin:SECRETPASS42@127.0.0.1:9")  # nothing listens
     started = time.monotonic()
     with pytest.raises(UserError) as error:
-        Tracker.start(cfg, is_main=True, run_id=None, tags={})
+        Tracker.start(cfg, run_id=None, tags={})
     message = str(error.value)
     assert "MLflow tracking URI 'http://***@127.0.0.1:9' does not work" in message
     assert "tracking.uri" in message and "\n" not in message
@@ -251,16 +185,16 @@ def test_unusable_uri_at_start_is_one_user_error_without_secrets(tmp_path: Path)
 
     cfg.tracking.uri = "nosuchscheme://x"
     with pytest.raises(UserError, match="does not work"):
-        Tracker.start(cfg, is_main=True, run_id=None, tags={})
+        Tracker.start(cfg, run_id=None, tags={})
 
 
 def test_unknown_resume_run_id_is_a_user_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = make_config(tmp_path, "")
+    cfg = tracking_config(tmp_path, "")
     with pytest.raises(UserError, match="is not in the tracking store"):
-        Tracker.start(cfg, is_main=True, run_id="0123456789abcdef0123456789abcdef", tags={})
+        Tracker.start(cfg, run_id="0123456789abcdef0123456789abcdef", tags={})
 
 
 def test_default_store_is_sqlite_beside_the_run_dir_with_system_metrics(
@@ -268,9 +202,9 @@ def test_default_store_is_sqlite_beside_the_run_dir_with_system_metrics(
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
-    cfg = make_config(tmp_path, "")
+    cfg = tracking_config(tmp_path, "")
     cfg.tracking.system_metrics = True
-    tracker = Tracker.start(cfg, is_main=True, run_id=None, tags={})
+    tracker = Tracker.start(cfg, run_id=None, tags={})
     assert tracker.uri == f"sqlite:///{tmp_path / 'runs'}/mlflow.db"
     tracker.log_metrics({"Loss/G": 3.0}, step=2)
     tracker.log_image(np.full((4, 4, 3), 7, np.uint8), key="fakes", step=2)
@@ -284,60 +218,16 @@ def test_default_store_is_sqlite_beside_the_run_dir_with_system_metrics(
     assert list((tmp_path / "runs" / "mlartifacts").rglob("*.png"))
 
 
-def test_non_main_rank_and_disabled_tracking_get_an_inactive_tracker(tmp_path: Path) -> None:
-    cfg = make_config(tmp_path, "http://127.0.0.1:9")  # never contacted
-    for tracker in (Tracker.start(cfg, is_main=False, run_id=None, tags={}), _disabled(cfg)):
-        assert not tracker.active and tracker.run_id is None
+def test_non_main_rank_and_disabled_tracking_get_a_null_tracker(tmp_path: Path) -> None:
+    cfg = tracking_config(tmp_path, "http://127.0.0.1:9")  # never contacted
+    not_main = start_tracker(cfg, is_main=False, run_id=None, tags={})
+    cfg.tracking.enabled = False
+    disabled = start_tracker(cfg, is_main=True, run_id=None, tags={})
+    for tracker in (not_main, disabled):
+        assert type(tracker) is NullTracker and tracker.run_id is None
         tracker.log_metrics({"Loss/G": 1.0}, step=1)
         tracker.log_image(np.zeros((4, 4, 3), np.uint8), key="fakes", step=1)
         tracker.set_tag("checkpoint", "x")
         assert tracker.log_generator(torch.nn.Linear(1, 1), cfg) == ""
         tracker.end()
     assert not (tmp_path / "runs").exists()
-
-
-def _disabled(cfg: Config) -> Tracker:
-    cfg.tracking.enabled = False
-    return Tracker.start(cfg, is_main=True, run_id=None, tags={})
-
-
-def test_export_command_logs_a_checkpoints_g_ema_as_a_registered_model(
-    mlflow_server: MlflowServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    G, model_cfg = tiny_generator()
-    cfg = make_config(tmp_path, "")
-    cfg.model = model_cfg
-    save_checkpoint(
-        cfg.run.dir,
-        2000,
-        {"G_ema": G.state_dict()},
-        {"config": cfg.to_dict(), "mlflow_run_id": "0f" * 16},
-    )
-    register_name = f"export-{uuid.uuid4().hex[:6]}"
-
-    command = ["export", "--checkpoint", cfg.run.dir, "--register", register_name]
-    assert cli.main([*command, "--tracking-uri", mlflow_server.uri]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()[-1]
-    model_uri = re.search(r" as (\S+) \(run (\w+)\)", printed).group(1)
-    run_id = re.search(r" as (\S+) \(run (\w+)\)", printed).group(2)
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    images = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"seed": [3]}))
-    z = torch.from_numpy(np.random.RandomState(3).randn(1, 16)).float()
-    with torch.no_grad():
-        expected = G(z, torch.zeros(1, 0), noise_mode="const")
-    expected_uint8 = (expected * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-    np.testing.assert_array_equal(images[0], expected_uint8[0].permute(1, 2, 0).numpy())
-
-    client = MlflowClient(mlflow_server.uri)
-    run = client.get_run(run_id)
-    assert run.info.run_name == "export-cats" and run.info.status == "FINISHED"
-    assert run.data.tags["sg2dist.export_of"] == cfg.run.dir
-    assert run.data.tags["sg2dist.training_run_id"] == "0f" * 16
-    assert len(client.search_model_versions(f"name='{register_name}'")) == 1
-
-    assert cli.main([*command, "--tracking-uri", "http://127.0.0.1:9"]) == 2
-    assert "does not work" in capsys.readouterr().err

@@ -10,27 +10,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from support.tiny import TRAIN_TRACKING_SETS, set_args
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.resolution=32",
-    "model.img_channels=1",
-    "model.z_dim=32",
-    "model.w_dim=32",
-    "model.map_layers=2",
-    "model.channel_base=256",
-    "model.channel_max=32",
-    "train.batch=8",
-    "train.batch_gpu=8",
-    "data.workers=1",
-    "run.tick_kimg=0.016",
-    "run.snapshot_kimg=0.032",
-]
 
 
 def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str):
     sets = [
-        *TINY,
+        *TRAIN_TRACKING_SETS,
         f"run.dir={run_dir}",
         f"data.url={data_url}",
         f"train.kimg={kimg}",
@@ -39,7 +26,7 @@ def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str):
         *extra,
     ]
     result = subprocess.run(
-        [sys.executable, "-m", "sg2dist", "train", *[a for s in sets for a in ("--set", s)]],
+        [sys.executable, "-m", "sg2dist", "train", *set_args(sets)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -113,8 +100,8 @@ def test_two_node_run_logs_system_metrics_of_every_node_into_one_run(
         **mlflow_server.client_env(),
     )
     sets = [
-        *TINY, "train.batch=16", f"run.dir={tmp_path / 'run'}", f"data.url={digits_url}",
-        "train.kimg=0.096", "tracking.experiment=two-nodes",
+        *TRAIN_TRACKING_SETS, "train.batch=16", f"run.dir={tmp_path / 'run'}",
+        f"data.url={digits_url}", "train.kimg=0.096", "tracking.experiment=two-nodes",
     ]  # fmt: skip
     nodes = [
         subprocess.Popen(
@@ -130,7 +117,7 @@ def test_two_node_run_logs_system_metrics_of_every_node_into_one_run(
                 "-m",
                 "sg2dist",
                 "train",
-                *[a for s in sets for a in ("--set", s)],
+                *set_args(sets),
             ],
             cwd=ROOT,
             env=env,
