@@ -23,7 +23,8 @@ from accelerate.utils import (
 )
 
 from sg2dist import __version__, storage
-from sg2dist.config import Config, dump_config
+from sg2dist.augment import Augmenter, AugmentState, initial_state
+from sg2dist.config import P_FROM_CHECKPOINT, Config, dump_config
 from sg2dist.data import (
     Manifest,
     StreamLoader,
@@ -77,7 +78,7 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
     progress = ckpt.Progress(next_snapshot_nimg=snapshot_nimg(cfg))
     step_state = StepState()
     checkpoint = find_resume_checkpoint(cfg, resume)
-    data_state, run_id = None, None
+    data_state, run_id, init_meta = None, None, None
     if checkpoint is not None:
         data_state = ckpt.restore_training(
             checkpoint,
@@ -97,7 +98,14 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
             flush=True,
         )
     elif init_from:
-        ckpt.load_weights(init_from, nets)
+        init_meta = ckpt.load_weights(init_from, nets)
+    if checkpoint is None or "augment" not in checkpoint.meta:
+        source = checkpoint.url if checkpoint is not None else init_from
+        step_state.augment = initial_augment(
+            cfg, checkpoint.meta if checkpoint else init_meta, source
+        )
+    elif cfg.augment.mode == "fixed" and cfg.augment.initial_p is not None:
+        step_state.augment.p = cfg.augment.initial_p  # fixed: the config's p, even on resume
     loader = build_loader(
         cfg.data.url,
         batch_gpu=batch_gpu,
@@ -201,6 +209,9 @@ def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
             else x
         )
 
+    augmenter = None
+    if cfg.augment.mode != "none":
+        augmenter = Augmenter(cfg.augment, batch=cfg.train.batch)
     return StepContext(
         train=cfg.train,
         phases=phase_table(cfg.train),
@@ -212,7 +223,22 @@ def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
         reduce_mean=reduce_mean,
         scaler=accelerator.scaler,
         mbstd_group=cfg.model.mbstd_group,
+        augmenter=augmenter,
     )
+
+
+def initial_augment(cfg: Config, meta: dict | None, source: str) -> AugmentState:
+    """A new run's augmentation state: p from the config, or with augment.p=from-checkpoint
+    from the imported official pickle's augment_pipe.p recorded in the checkpoint we start from."""
+    imported_p = ckpt.imported_augment_p(meta) if meta is not None else None
+    if cfg.augment.initial_p is None and imported_p is None:
+        where = f"{source} records" if source else "no --init-from/--resume checkpoint gives"
+        raise UserError(
+            f"augment.p={P_FROM_CHECKPOINT} but {where} no imported augment_pipe.p "
+            "(meta.json imported.augment_p); --init-from a checkpoint imported from an "
+            "official pickle, or set augment.p to a number such as 0"
+        )
+    return initial_state(cfg.augment, imported_p)
 
 
 def find_resume_checkpoint(cfg: Config, resume: str) -> ckpt.Checkpoint | None:

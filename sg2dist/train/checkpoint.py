@@ -13,8 +13,9 @@ looks complete. If `latest` names a broken folder, the newest verified one wins.
 
 What a training checkpoint holds is declared here, in one place (`training_contents`,
 `restore_training`): G, D, G_ema, both optimizers, the fp16 gradient scaler, the CPU
-RNG state of every rank (state.pt); the loop counters, pl_mean, skipped steps, every
-rank's data stream position, the MLflow run id and the resolved config (meta.json).
+RNG state of every rank (state.pt); the loop counters, pl_mean, skipped steps, ADA's p
+and r_t accumulator, every rank's data stream position, the MLflow run id and the resolved
+config (meta.json).
 That is everything needed to continue exactly as if never interrupted.
 """
 
@@ -24,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -214,9 +216,11 @@ def training_contents(
     rng_cpu: list[torch.Tensor],
     data_states: list[dict[str, Any]],
     mlflow_run_id: str | None,
+    augment: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a training checkpoint. `rng_cpu` and `data_states` hold one entry
-    per rank, gathered by the caller."""
+    per rank, gathered by the caller; `augment` is AugmentState.to_dict with the r_t
+    accumulator already reduced over ranks."""
     state = {
         "G": nets.G_net.state_dict(),
         "D": nets.D_net.state_dict(),
@@ -237,6 +241,8 @@ def training_contents(
         "mlflow_run_id": mlflow_run_id,
         "config": cfg.to_dict(),
     }
+    if augment is not None:
+        meta["augment"] = augment
     return state, meta
 
 
@@ -270,14 +276,27 @@ def restore_training(
         setattr(progress, key, int(meta["progress"][key]))
     step_state.pl_mean = float(meta["pl_mean"])
     step_state.skipped_steps = int(meta["skipped_steps"])
+    if "augment" in meta:  # absent in checkpoints written before augmentation existed
+        step_state.augment.load_dict(meta["augment"])
     if meta["world_size"] != world_size:
         return None
     torch.set_rng_state(state["rng_cpu"][rank])
     return meta["data_states"][rank]
 
 
-def load_weights(url: str, nets: Nets) -> None:
-    """--init-from: G, D and G_ema weights for fine-tuning; counters and optimizers start fresh."""
+def imported_augment_p(meta: dict[str, Any]) -> float | None:
+    """The augment_pipe.p of an official pickle this checkpoint was imported from (meta.json
+    `imported.augment_p`), or None when it was not imported or recorded no usable p."""
+    imported = meta.get("imported")
+    value = imported.get("augment_p") if isinstance(imported, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return min(max(float(value), 0.0), 1.0)
+    return None
+
+
+def load_weights(url: str, nets: Nets) -> dict[str, Any]:
+    """--init-from: G, D and G_ema weights for fine-tuning; counters and optimizers start fresh.
+    Returns the checkpoint's meta.json."""
     checkpoint = load_checkpoint(url)
     try:
         nets.G_net.load_state_dict(checkpoint.state["G"])
@@ -289,3 +308,4 @@ def load_weights(url: str, nets: Nets) -> None:
             f"({str(exc)[:120]}...); "
             "use the same model settings as that run"
         ) from None
+    return checkpoint.meta

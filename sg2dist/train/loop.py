@@ -161,6 +161,7 @@ def report_tick(session: Session, tick_seconds: float, bar: tqdm) -> None:
         sec_per_kimg=tick_seconds / (tick_nimg / 1000),
         img_per_s=tick_nimg / max(tick_seconds, 1e-9),
         pl_mean=session.step_state.pl_mean,
+        augment_p=session.step_state.augment.p,
         skipped_steps=session.step_state.skipped_steps,
         data_wait_frac=session.data_wait_s / max(tick_seconds, 1e-9),
         corrupt_samples=session.loader.state.corrupt_samples,
@@ -199,6 +200,8 @@ def save(session: Session) -> str | None:
     # Sync point: every rank's RNG state and data stream position go into the checkpoint.
     rng_cpu = gather_object([torch.get_rng_state()])
     data_states = gather_object([session.loader.state.to_dict()])
+    augment = session.step_state.augment
+    accumulator = augment.global_accumulator(session.ctx.reduce_mean, session.accelerator.device)
     folder = None
     if session.is_main:
         state, meta = ckpt.training_contents(
@@ -210,6 +213,7 @@ def save(session: Session) -> str | None:
             rng_cpu=rng_cpu,
             data_states=data_states,
             mlflow_run_id=session.tracker.run_id,
+            augment=augment.to_dict(accumulator),
         )
         folder = ckpt.save_checkpoint(cfg.run.dir, session.progress.cur_nimg, state, meta)
         ckpt.prune_checkpoints(
@@ -297,6 +301,8 @@ TICK_LINE_ORDER = (
     "pl_mean",
     "D_real",
     "D_fake",
+    "augment_p",
+    "augment_rt",
     "skipped_steps",
     "data_wait_frac",
 )
