@@ -277,11 +277,21 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        self._check_augment_fits_the_model()
         group = min(self.model.mbstd_group, self.train.batch_gpu)
         if self.train.batch_gpu % group != 0:
             raise ConfigError(
                 f"train.batch_gpu={self.train.batch_gpu} is not a multiple of the minibatch-stddev "
                 f"group model.mbstd_group={self.model.mbstd_group}; use a multiple of {group}"
+            )
+
+    def _check_augment_fits_the_model(self) -> None:
+        # The image-space filter bank has 43 taps; reflect padding needs 21 pixels each side.
+        filtered = self.augment.pipe in ("filter", "bgcf", "bgcfn", "bgcfnc")
+        if self.augment.mode in ("ada", "fixed") and filtered and self.model.resolution < 32:
+            raise ConfigError(
+                f"augment.pipe={self.augment.pipe} filters images with 43 taps and needs "
+                f"model.resolution >= 32 (got {self.model.resolution}); use augment.pipe=bgc"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("sg2dist.cli.metrics", "score a checkpoint with FID/KID"),
     "export": ("sg2dist.cli.export", "log G_ema of a checkpoint as an MLflow model"),
     "bench": ("sg2dist.cli.bench", "benchmark a training step or the data loader"),
+    "augment-preview": (
+        "sg2dist.cli.augment_preview",
+        "show real images as D sees them under ADA or DiffAugment",
+    ),
 }
 
 

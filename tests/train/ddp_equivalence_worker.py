@@ -1,6 +1,6 @@
 """Runs a few real training steps on fixed data; launched by test_distributed.py.
 
-Usage: python ddp_equivalence_worker.py OUT.pt BATCH BATCH_GPU STEPS [PRECISION]
+Usage: python ddp_equivalence_worker.py OUT.pt BATCH BATCH_GPU STEPS [PRECISION [KEY=VALUE ...]]
 Under torchrun each rank takes the micro-batches that the global layout assigns it
 (global micro-batch j = round * world_size + rank), so any layout sees the same samples.
 """
@@ -24,6 +24,7 @@ from sg2dist.train.step import StepState, train_step, update_ema
 def main() -> None:
     out, batch, batch_gpu, steps = sys.argv[1], *map(int, sys.argv[2:5])
     precision = sys.argv[5] if len(sys.argv) > 5 else "no"
+    extra_sets = sys.argv[6:]  # more config overrides, e.g. augment.mode=ada
     cfg = load_config(
         None,
         [
@@ -36,6 +37,7 @@ def main() -> None:
             "train.r1_gamma=1.0",
             "train.pl_batch_shrink=2",
             "train.style_mixing_prob=0.9",
+            *extra_sets,
         ],
     )
     acc = make_accelerator(cfg.train.precision)
@@ -72,6 +74,7 @@ def main() -> None:
                 "D": params(nets.D_net),
                 "G_ema": params(nets.G_ema),
                 "pl_mean": state.pl_mean,
+                "augment_p": state.augment.p,
             },
             out,
         )
