@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from support.tiny import tiny_model_sets
 
+from sg2dist.augment import initial_state
 from sg2dist.config import load_config
 from sg2dist.train.build import build_nets, build_step_context, make_accelerator
 from sg2dist.train.step import StepState, train_step, update_ema
@@ -44,9 +45,10 @@ def main() -> None:
     _, accum = cfg.train.batch_layout(acc.num_processes)
     nets = build_nets(cfg, acc)
     ctx = build_step_context(cfg, acc)
-    state = StepState()
+    state = StepState(augment=initial_state(cfg.augment))
     data = torch.Generator().manual_seed(1234)
     reals = torch.rand(steps * batch, 3, 16, 16, generator=data) * 2 - 1
+    rts: list[float] = []
     for step in range(steps):
         micro_batches = []
         for round_idx in range(accum):
@@ -54,6 +56,7 @@ def main() -> None:
             start = step * batch + j * batch_gpu
             micro_batches.append((reals[start : start + batch_gpu], torch.zeros(batch_gpu, 0)))
         train_step(ctx, nets, state, step, micro_batches)
+        rts.append(state.augment.rt)  # r_t of this step's ADA adjustment (nan if none)
         update_ema(
             nets.G_ema,
             nets.G_net,
@@ -75,6 +78,7 @@ def main() -> None:
                 "G_ema": params(nets.G_ema),
                 "pl_mean": state.pl_mean,
                 "augment_p": state.augment.p,
+                "augment_rt": rts,
             },
             out,
         )

@@ -71,6 +71,8 @@ def test_two_processes_match_one_process_with_ada_while_p_adapts(tmp_path):
     ada = ("augment.mode=ada", "augment.p=0.3", "augment.interval=1", "augment.speed_kimg=0.16")
     single = run_worker(tmp_path / "one.pt", batch=8, batch_gpu=2, steps=3, nproc=1, extra_sets=ada)
     double = run_worker(tmp_path / "two.pt", batch=8, batch_gpu=2, steps=3, nproc=2, extra_sets=ada)
+    # r_t is the mean over the global batch, all-reduced: the same values, not just signs.
+    assert single["augment_rt"] == double["augment_rt"]
     assert single["augment_p"] == double["augment_p"]
     assert abs(single["augment_p"] - 0.3) > 0.04
     for net in ("G", "D", "G_ema"):
