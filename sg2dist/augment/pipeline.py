@@ -135,10 +135,13 @@ class AdaPipeline:
             return images  # bit for bit: no resampling, no colour matrix, no draws
         N, C, H, W = images.shape
         draw = _Draws(generator, N, images.device, images.dtype)
-        # Sync points: whether any image drew a geometric / colour transform.
+        # Sync points: which images drew a geometric transform, whether any drew a colour one.
         G_inv = self._geometry(draw, p, H, W)
-        if not _all_identity(G_inv):
-            images = geo.warp(images, G_inv)
+        moved = (G_inv != torch.eye(3, dtype=G_inv.dtype, device=G_inv.device)).flatten(1).any(1)
+        if moved.any():
+            # Only those images are resampled; the others stay bit for bit (cheaper at low p).
+            rows = moved.nonzero().flatten()
+            images = images.index_copy(0, rows, geo.warp(images[rows], G_inv[rows]))
         colour = self._colour(draw, p, C)
         if not _all_identity(colour):
             images = apply_colour(images, colour)
