@@ -161,8 +161,8 @@ def _upsample2x(x: torch.Tensor, taps: torch.Tensor, offset: int) -> torch.Tenso
     (zero insertion, then the filter with gain 2), along W and then along H."""
     N, C, H, W = x.shape
     t = len(taps)
-    # A convolution with taps is a correlation with the flipped taps; padding so that output k
-    # reads zero-inserted samples k + offset - (t - 1) .. k + offset... of the flipped filter.
+    # up[k] = 2 sum_j flipped[j] z[k - offset - (t - 1) + j] for the zero-inserted z: a
+    # correlation whose window for output k starts `before` samples ahead of z[k].
     flipped = (2 * taps).flip(0)
     before = t - 1 + offset
     z = _zero_insert(_planes(x), 3, 2)  # [1, NC, H, 2W - 1]
@@ -188,8 +188,8 @@ def _downsample2x(z: torch.Tensor, taps: torch.Tensor, start: int, size: tuple[i
 class _BilinearSample(torch.autograd.Function):
     """grid_sample (bilinear, zeros outside) whose backward is its adjoint, itself a Function
     whose backward is grid_sample again: derivatives of any order w.r.t. the image, on every
-    torch version (grid_sample's own double backward arrived only in 2026 releases). The
-    sampling grid is a constant: augmentation parameters are random, not learned."""
+    supported torch version (grid_sample's own double backward exists only in recent ones).
+    The sampling grid is a constant: augmentation parameters are random, not learned."""
 
     @staticmethod
     def forward(ctx, img, grid):
