@@ -232,11 +232,16 @@ def initial_augment(cfg: Config, meta: dict | None, source: str) -> AugmentState
     from the imported official pickle's augment_pipe.p recorded in the checkpoint we start from."""
     imported_p = ckpt.imported_augment_p(meta) if meta is not None else None
     if cfg.augment.initial_p is None and imported_p is None:
-        where = f"{source} records" if source else "no --init-from/--resume checkpoint gives"
+        fix = "or set augment.p to a number such as 0"
+        if not source:
+            raise UserError(
+                f"augment.p={P_FROM_CHECKPOINT} needs --init-from a checkpoint imported from "
+                f"an official pickle; {fix}"
+            )
         raise UserError(
-            f"augment.p={P_FROM_CHECKPOINT} but {where} no imported augment_pipe.p "
-            "(meta.json imported.augment_p); --init-from a checkpoint imported from an "
-            "official pickle, or set augment.p to a number such as 0"
+            f"augment.p={P_FROM_CHECKPOINT} but {source} records no imported augment_pipe.p "
+            f"(meta.json imported.augment_p); --init-from a checkpoint imported from an "
+            f"official pickle, {fix}"
         )
     return initial_state(cfg.augment, imported_p)
 
