@@ -130,9 +130,9 @@ class _DepthwiseFIR(torch.autograd.Function):
     (differentiable) convolution.
 
     Autograd's generic double backward of a convolution does extra work for the weight
-    side even though the filter is a constant (on CPU, 2-4x the time of this form for a
-    128-channel filter). Written as the adjoint convolution, the second derivative (R1, path
-    length) runs the same depthwise kernels as the first derivative.
+    side even though the filter is a constant (several times the time of this form on
+    CPU; README, Performance). Written as the adjoint convolution, the second derivative
+    (R1, path length) runs the same depthwise kernels as the first derivative.
     """
 
     @staticmethod
