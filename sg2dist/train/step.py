@@ -76,6 +76,10 @@ class Nets:
     D_reg_ddp: torch.nn.Module | None = None
 
 
+def _untimed(_name: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 @dataclass
 class StepContext:
     """What a step needs besides the networks: config, layout, precision hooks."""
@@ -90,6 +94,9 @@ class StepContext:
     reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # tensor -> mean over ranks
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     mbstd_group: int = 4  # D's minibatch-stddev group (model.mbstd_group)
+    # Wraps each phase and each optimizer step, named "Gmain".."Dreg", "opt_G", "opt_D":
+    # `sg2dist bench step --profile` times them; training leaves it a no-op.
+    phase_timer: Callable[[str], AbstractContextManager[Any]] = field(default=_untimed)
     # Per-phase loss statistics since the last tick; device tensors, so no sync per step.
     stats: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
@@ -215,16 +222,18 @@ def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_
     for phase_idx, phase in enumerate(ctx.phases):
         if step % phase.interval != 0:
             continue
-        opt, phase_stats = _run_phase(
-            ctx, nets, phase, state.pl_mean, step, phase_idx, micro_batches
-        )
-        if phase.name == "Greg":
-            # One pl_mean update per phase from the global batch: independent of the layout.
-            global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
-            state.pl_mean = L.update_pl_mean(
-                state.pl_mean, float(global_length), ctx.train.pl_decay
+        with ctx.phase_timer(phase.name):
+            opt, phase_stats = _run_phase(
+                ctx, nets, phase, state.pl_mean, step, phase_idx, micro_batches
             )
-        any_skipped |= not _step_optimizer(ctx, nets, opt, is_G=phase.net == "G")
+            if phase.name == "Greg":
+                # One pl_mean update per phase from the global batch: independent of the layout.
+                global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
+                state.pl_mean = L.update_pl_mean(
+                    state.pl_mean, float(global_length), ctx.train.pl_decay
+                )
+        with ctx.phase_timer(f"opt_{phase.net}"):
+            any_skipped |= not _step_optimizer(ctx, nets, opt, is_G=phase.net == "G")
         # Stats stay local tensors until the tick: no device sync per phase.
         for key, values in phase_stats.items():
             ctx.stats[key].append(torch.stack(values).mean())
