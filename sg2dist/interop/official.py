@@ -185,14 +185,14 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _expect(where: str, key: str, value: Any, wanted: Any, why: str) -> None:
+def _expect(where: str, key: str, value: Any, wanted: Any, who: str) -> None:
     if isinstance(wanted, float) or isinstance(value, float):
         same = value is not None and wanted is not None and math.isclose(float(value), wanted)
         same = same or (value is None and wanted is None)
     else:
         same = value == wanted
     if not same:
-        raise UserError(f"{where}: {key}={value!r}, but {why} {key}={wanted!r}")
+        raise UserError(f"{where}: {key}={value!r}, but {who} {key}={wanted!r}")
 
 
 def _init_kwargs(obj: OfficialObject) -> dict[str, Any]:
@@ -238,7 +238,7 @@ def infer_model_config(G: OfficialObject, D: OfficialObject, notes: list[str]) -
     d_kwargs = _init_kwargs(D)
     for key in ("channel_base", "channel_max"):
         if key in d_kwargs:
-            _expect("D", key, int(d_kwargs[key]), getattr(model, key), "G has")
+            _expect("D", key, int(d_kwargs[key]), getattr(model, key), "G (shared) has")
     model.validate()
     return model
 
@@ -303,19 +303,27 @@ def _read_mbstd(D: OfficialObject, model: ModelConfig, notes: list[str]) -> None
 
 # ---------------------------------------------------------------------------- layer checks
 
+# Who asks for a value, in the error lines of `_expect`.
+SG2_G = "sg2dist's generator needs"
+SG2_D = "sg2dist's discriminator needs"
+SAME_NET = "the rest of the network has"
+MODEL_FP16 = "model.num_fp16_res read from G_ema gives"
 
-def _check_fc(where: str, fc: OfficialObject, activation: str, lr_mult: float) -> None:
-    _expect(where, "activation", fc.state.get("activation"), activation, "sg2dist's layer has")
-    _expect(where, "lr_multiplier", _optional_float(fc.state.get("bias_gain")), lr_mult, "needs")
+
+def _check_fc(where: str, fc: OfficialObject, activation: str, lr_mult: float, who: str) -> None:
+    _expect(where, "activation", fc.state.get("activation"), activation, who)
+    _expect(where, "lr_multiplier", _optional_float(fc.state.get("bias_gain")), lr_mult, who)
 
 
-def _check_mapping(where: str, mapping: OfficialObject, num_layers: int, lr_mult: float) -> None:
-    _expect(where, "num_layers", int(_state(mapping, "num_layers", where)), num_layers, "needs")
+def _check_mapping(
+    where: str, mapping: OfficialObject, num_layers: int, lr_mult: float, who: str
+) -> None:
+    _expect(where, "num_layers", int(_state(mapping, "num_layers", where)), num_layers, who)
     for i in range(num_layers):
-        _check_fc(f"{where}.fc{i}", _child(mapping, f"fc{i}", where), "lrelu", lr_mult)
+        _check_fc(f"{where}.fc{i}", _child(mapping, f"fc{i}", where), "lrelu", lr_mult, who)
     embed = mapping.children().get("embed")
     if embed is not None:
-        _check_fc(f"{where}.embed", embed, "linear", 1.0)
+        _check_fc(f"{where}.embed", embed, "linear", 1.0, who)
 
 
 def _check_generator(net_name: str, G: OfficialObject, model: ModelConfig) -> None:
@@ -325,28 +333,31 @@ def _check_generator(net_name: str, G: OfficialObject, model: ModelConfig) -> No
         res = 2**i
         where = f"{net_name}.synthesis.b{res}"
         block = _child(synthesis, f"b{res}", f"{net_name}.synthesis")
-        _expect(where, "architecture", block.state.get("architecture"), "skip", "sg2dist's G is")
+        _expect(where, "architecture", block.state.get("architecture"), "skip", SG2_G)
         use_fp16 = bool(block.state.get("use_fp16"))
-        _expect(where, "use_fp16", use_fp16, model.num_fp16_res > 0 and res >= first_fp16, "G_ema")
+        wanted_fp16 = model.num_fp16_res > 0 and res >= first_fp16
+        _expect(where, "use_fp16", use_fp16, wanted_fp16, MODEL_FP16)
         for name in ("conv0", "conv1") if res > 4 else ("conv1",):
-            layer = _child(block, name, where)
-            _expect(f"{where}.{name}", "activation", layer.state.get("activation"), "lrelu", "G")
-            _expect(f"{where}.{name}", "use_noise", layer.state.get("use_noise"), True, "G")
+            layer, at = _child(block, name, where), f"{where}.{name}"
+            _expect(at, "activation", layer.state.get("activation"), "lrelu", SG2_G)
+            _expect(at, "use_noise", layer.state.get("use_noise"), True, SG2_G)
             clamp = _optional_float(layer.state.get("conv_clamp"))
-            _expect(f"{where}.{name}", "conv_clamp", clamp, model.conv_clamp, "the 4x4 layer has")
+            _expect(at, "conv_clamp", clamp, model.conv_clamp, SAME_NET)
         torgb = _child(block, "torgb", where)
         clamp = _optional_float(torgb.state.get("conv_clamp"))
-        _expect(f"{where}.torgb", "conv_clamp", clamp, model.conv_clamp, "the 4x4 layer has")
+        _expect(f"{where}.torgb", "conv_clamp", clamp, model.conv_clamp, SAME_NET)
     mapping = _child(G, "mapping", net_name)
-    _check_mapping(f"{net_name}.mapping", mapping, model.map_layers, model.map_lr_mult)
+    where = f"{net_name}.mapping"
+    _check_mapping(where, mapping, model.map_layers, model.map_lr_mult, SAME_NET)
     w_avg_beta = _optional_float(mapping.state.get("w_avg_beta"))
-    _expect(f"{net_name}.mapping", "w_avg_beta", w_avg_beta, model.w_avg_beta, "G_ema has")
+    _expect(where, "w_avg_beta", w_avg_beta, model.w_avg_beta, SAME_NET)
 
 
 def _check_conv(where: str, conv: OfficialObject, activation: str, clamp: float | None) -> None:
-    _expect(where, "activation", conv.state.get("activation"), activation, "sg2dist's D has")
+    _expect(where, "activation", conv.state.get("activation"), activation, SG2_D)
     value = _optional_float(conv.state.get("conv_clamp"))
-    _expect(where, "conv_clamp", value, clamp, "sg2dist's D (model.conv_clamp of G) has")
+    # sg2dist's D takes G's model.conv_clamp (the official code clamps neither skip).
+    _expect(where, "conv_clamp", value, clamp, SG2_D)
 
 
 def _check_discriminator(D: OfficialObject, model: ModelConfig) -> None:
@@ -355,30 +366,27 @@ def _check_discriminator(D: OfficialObject, model: ModelConfig) -> None:
     while res > 4:
         where = f"D.b{res}"
         block = _child(D, f"b{res}", "D")
-        _expect(where, "architecture", block.state.get("architecture"), "resnet", "sg2dist's D is")
+        _expect(where, "architecture", block.state.get("architecture"), "resnet", SG2_D)
         use_fp16 = bool(block.state.get("use_fp16"))
-        _expect(where, "use_fp16", use_fp16, model.num_fp16_res > 0 and res >= first_fp16, "G")
-        if res == model.resolution:
-            _check_conv(
-                f"{where}.fromrgb", _child(block, "fromrgb", where), "lrelu", model.conv_clamp
-            )
-        for name in ("conv0", "conv1"):
-            _check_conv(f"{where}.{name}", _child(block, name, where), "lrelu", model.conv_clamp)
+        _expect(
+            where, "use_fp16", use_fp16, model.num_fp16_res > 0 and res >= first_fp16, MODEL_FP16
+        )
+        layers = {"fromrgb": "lrelu"} if res == model.resolution else {}
+        for name, activation in {**layers, "conv0": "lrelu", "conv1": "lrelu"}.items():
+            _check_conv(f"{where}.{name}", _child(block, name, where), activation, model.conv_clamp)
         _check_conv(f"{where}.skip", _child(block, "skip", where), "linear", None)
         res //= 2
     epilogue = _child(D, "b4", "D")
-    _expect("D.b4", "architecture", epilogue.state.get("architecture"), "resnet", "sg2dist's D is")
+    _expect("D.b4", "architecture", epilogue.state.get("architecture"), "resnet", SG2_D)
     cmap_dim = channels_per_resolution(4, model.channel_base, model.channel_max)
-    wanted_cmap = cmap_dim if model.c_dim > 0 else 0
-    _expect(
-        "D.b4", "cmap_dim", int(_state(epilogue, "cmap_dim", "D.b4")), wanted_cmap, "sg2dist has"
-    )
+    cmap = int(_state(epilogue, "cmap_dim", "D.b4"))
+    _expect("D.b4", "cmap_dim", cmap, cmap_dim if model.c_dim > 0 else 0, SG2_D)
     _check_conv("D.b4.conv", _child(epilogue, "conv", "D.b4"), "lrelu", model.conv_clamp)
-    _check_fc("D.b4.fc", _child(epilogue, "fc", "D.b4"), "lrelu", 1.0)
-    _check_fc("D.b4.out", _child(epilogue, "out", "D.b4"), "linear", 1.0)
+    _check_fc("D.b4.fc", _child(epilogue, "fc", "D.b4"), "lrelu", 1.0, SG2_D)
+    _check_fc("D.b4.out", _child(epilogue, "out", "D.b4"), "linear", 1.0, SG2_D)
     if model.c_dim > 0:
         mapping = _child(D, "mapping", "D")
-        _check_mapping("D.mapping", mapping, LABEL_MAPPING_LAYERS, 0.01)
+        _check_mapping("D.mapping", mapping, LABEL_MAPPING_LAYERS, 0.01, SG2_D)
 
 
 # ---------------------------------------------------------------------------- tensors

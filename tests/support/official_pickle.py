@@ -38,8 +38,15 @@ FIR = torch.outer(torch.tensor([1.0, 3.0, 3.0, 1.0]), torch.tensor([1.0, 3.0, 3.
 SQRT2 = np.float64(math.sqrt(2))
 
 
-def _reconstruct_persistent_obj(meta):  # named by the pickles, never called here
-    raise AssertionError("the test writer only names this function")
+def _reconstruct_persistent_obj(meta):
+    """Named by the pickles; here it only rebuilds a Persistent (copy.deepcopy uses it)."""
+    obj = Persistent.__new__(Persistent)
+    obj.class_name, obj.module_src, obj.state = (
+        meta["class_name"],
+        meta["module_src"],
+        meta["state"],
+    )
+    return obj
 
 
 class EasyDict(dict):
@@ -447,3 +454,23 @@ def write_official_pickle(
     path: Path, G, D, G_ema, model: ModelConfig, *, protocol: int = 4, **snapshot_kwargs
 ) -> Path:
     return dump_official(official_snapshot(G, D, G_ema, model, **snapshot_kwargs), path, protocol)
+
+
+# ---------------------------------------------------------------------------- test networks
+
+
+def random_networks(model: ModelConfig, seed: int = 0):
+    """sg2dist G, D, G_ema with every tensor mattering: random biases, noise strengths and
+    w_avg (they start at zero or one), and a G_ema that differs from G."""
+    from sg2dist.model import build_networks
+
+    torch.manual_seed(seed)
+    G, D = build_networks(model)
+    G_ema, _ = build_networks(model)
+    G_ema.load_state_dict(G.state_dict())
+    with torch.no_grad():
+        for net in (G, D, G_ema):
+            for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+                if name.endswith(("bias", "noise_strength", "w_avg")):
+                    tensor.add_(torch.randn_like(tensor) * 0.5)
+    return G.eval(), D.eval(), G_ema.eval()
