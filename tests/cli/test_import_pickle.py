@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,21 @@ def test_a_refused_or_truncated_pickle_is_one_error_line_and_nothing_runs(
         assert err.startswith("sg2dist: error: ") and message in err and "\n" not in err
         assert not (tmp_path / "run").exists()
     assert not marker.exists()
+
+
+def test_metrics_interpolate_and_export_take_the_pickle_directly(
+    official_pkl, mlflow_server, tmp_path, capsys
+):
+    # metrics reads G_ema and the config from the pickle, which names no dataset (scoring
+    # itself is the same whatever the checkpoint: tests/cli/test_metrics.py).
+    assert cli(["metrics", "--checkpoint", official_pkl, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sg2dist: error: {official_pkl} records no data.url; pass --data DATASET_URL"
+    sg2dist(
+        f"interpolate --checkpoint {official_pkl} --class 0 --seeds 1,2 --frames 2 {tmp_path}/w.gif"
+    )
+    assert (tmp_path / "w.gif").is_file()
+    export = ["export", "--checkpoint", official_pkl, "--tracking-uri", mlflow_server.uri]
+    assert cli(export) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r" as models:/\S+ \(run \w+\)", printed), printed

@@ -82,6 +82,7 @@ def https_server(tmp_path, monkeypatch) -> Iterator[HttpsServer]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+    server.daemon_threads = True  # a client that dropped mid-handshake must not hold the stop
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     server.socket = context.wrap_socket(server.socket, server_side=True)

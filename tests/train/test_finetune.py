@@ -73,7 +73,7 @@ def test_fine_tuning_from_an_official_pickle_trains_and_writes_a_checkpoint(
 
 
 def test_model_comes_from_the_source_and_a_conflicting_key_is_one_error(
-    digits_pkl, digits_url, capsys
+    digits_pkl, digits_url, tmp_path, capsys
 ):
     pkl = digits_pkl[0]
     base = ["train", "--init-from", pkl, "--dry-run", "--set", f"data.url={digits_url}"]
@@ -81,6 +81,11 @@ def test_model_comes_from_the_source_and_a_conflicting_key_is_one_error(
     printed = capsys.readouterr().out
     assert "resolution: 32" in printed and "channel_base: 256" in printed
     assert "img_channels: 1" in printed
+    # The same from the run folder that `sg2dist import` makes of the pickle.
+    assert cli(["import", pkl, str(tmp_path / "imported")]) == 0
+    capsys.readouterr()
+    assert cli([*base[:2], str(tmp_path / "imported"), *base[3:]]) == 0
+    assert capsys.readouterr().out == printed
     # Equal values and the free fused_modconv are fine; another value is not.
     same = [arg for s in tiny_model_sets(TINY_DIGITS_MODEL) for arg in ("--set", s)]
     assert cli([*base, *same, "--set", "model.fused_modconv=true"]) == 0
