@@ -4,6 +4,8 @@
 this process trust its certificate (SSL_CERT_FILE, which OpenSSL reads whenever Python
 builds a default TLS context). The server binds its own socket (port 0, held open), so no
 other process can take the port between choosing and serving. It counts GET requests.
+The certificate is made with `cryptography`, which the runtime dependencies install
+(mlflow needs it).
 """
 
 from __future__ import annotations
