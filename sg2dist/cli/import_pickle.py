@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     if storage.listdir(ckpt.checkpoints_url(dest)):
         raise UserError(f"{dest} already holds checkpoints; import into a new run folder")
     imported = read_network_pickle(args.src)
-    state, meta = ckpt.imported_contents(imported)
+    state, meta = ckpt.imported_contents(imported, run_dir=dest)
     folder = ckpt.save_checkpoint(dest, 0, state, meta)
     cfg = config_from_dict(meta["config"])
     storage.write_text(storage.join(dest, "config.yaml"), dump_config(cfg))

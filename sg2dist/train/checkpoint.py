@@ -210,9 +210,13 @@ def load_generator(
     return G_ema.eval().requires_grad_(False).to(device), cfg, checkpoint.meta
 
 
-def imported_contents(imported: interop.ImportedNetworks) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, meta) of a weights-only checkpoint made from an official network pickle."""
+def imported_contents(
+    imported: interop.ImportedNetworks, run_dir: str = ""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a weights-only checkpoint made from an official network pickle (to
+    be saved into `run_dir`, if given)."""
     cfg = Config()
+    cfg.run.dir = run_dir or cfg.run.dir
     cfg.model = imported.model
     cfg.data.use_labels = imported.model.c_dim > 0
     cfg.data.mirror = bool(imported.info.get("xflip"))
