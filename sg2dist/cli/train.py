@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
             args.config,
             args.overrides,
             model_from=source_model(init_from),
-            model_source=args.init_from,
+            model_source=init_from.url,  # a URL without credentials or query
         )
     if args.dry_run:
         print(dump_config(cfg), end="")
