@@ -3,7 +3,8 @@
 A URL is either a local path or `s3://bucket/key`. Every function takes either,
 so callers never branch on where data lives. Local writes go through a temporary
 file and `os.replace`, so a reader never sees half a file; on S3 a PUT is atomic
-by itself.
+by itself. Files published on the web (`https://`, e.g. NVIDIA's network pickles) are
+downloaded once into a local cache by `fetch_cached` and read from there.
 
 S3 settings follow the standard AWS variables: the endpoint comes from
 `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`), credentials from the usual chain
@@ -18,11 +19,18 @@ Functions that talk to S3 accept an optional `client=`; without one they use
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
+import http.client
 import io
 import os
+import re
 import shutil
+import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +39,7 @@ import boto3
 import boto3.exceptions
 import botocore.exceptions
 from botocore.config import Config
+from tqdm import tqdm
 
 from sg2dist.errors import UserError
 
@@ -422,3 +431,92 @@ def _delete_keys(client: Any, bucket: str, keys: list[str], url: str) -> None:
                 f"could not delete {len(reply['Errors'])} objects under {url} "
                 f"(first: {first.get('Key')}: {first.get('Code')}); check write permissions"
             )
+
+
+# ---------------------------------------------------------------------------- http(s)
+
+HTTP_PREFIXES = ("https://", "http://")
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def is_http(url: str) -> bool:
+    return str(url).lower().startswith(HTTP_PREFIXES)
+
+
+def display_url(url: str) -> str:
+    """`url` fit for logs and metadata: no user:password@, no query (signed URLs carry tokens)."""
+    if not is_http(url):
+        return url
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def cache_dir() -> str:
+    """Where downloads are kept: $SG2DIST_CACHE_DIR, else $XDG_CACHE_HOME/sg2dist, else
+    ~/.cache/sg2dist."""
+    if os.environ.get("SG2DIST_CACHE_DIR"):
+        return os.environ["SG2DIST_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sg2dist")
+
+
+def fetch_cached(url: str) -> tuple[str, str]:
+    """(local path, sha256) of an http(s) URL, downloaded into the cache folder on first use
+    with a progress bar; the sha256 is printed either way.
+
+    The file appears in the cache complete or not at all. A lock file makes concurrent
+    processes of one machine (the ranks of a training run) download it once.
+    """
+    name = os.path.basename(urlsplit(url).path) or "download"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), "downloads", f"{url_key}-{name}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.isfile(path):
+            sha256 = _file_sha256(path)
+            print(f"using cached {path} (sha256 {sha256})", file=sys.stderr, flush=True)
+            return path, sha256
+        sha256 = _download(url, path)
+    print(f"downloaded {display_url(url)} to {path} (sha256 {sha256})", file=sys.stderr)
+    return path, sha256
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(DOWNLOAD_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url: str, path: str) -> str:
+    shown = display_url(url)
+    digest = hashlib.sha256()
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+            _atomic_local_file(path) as tmp_path,
+            open(tmp_path, "wb") as out,
+        ):
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                for chunk in iter(lambda: response.read(DOWNLOAD_CHUNK_BYTES), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if total is not None and bar.n != total:
+                raise UserError(
+                    f"download of {shown} ended after {bar.n} of {total} bytes; try again"
+                )
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"{shown} answered HTTP {exc.code} {exc.reason}; check the URL") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise UserError(
+            f"cannot download {shown} ({reason}); check the URL and the network, or download "
+            "the file yourself and pass its local path"
+        ) from None
+    return digest.hexdigest()

@@ -139,3 +139,44 @@ def test_local_writes_get_the_mode_a_plain_open_would_give(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------------------- https
+
+
+def test_https_url_is_downloaded_once_into_the_cache_with_its_sha256_printed(
+    https_server, tmp_path, monkeypatch, capsys
+):
+    import hashlib
+
+    monkeypatch.setenv("SG2DIST_CACHE_DIR", str(tmp_path / "cache"))
+    payload = os.urandom(3 << 20)  # several download chunks
+    (https_server.root / "net.pkl").write_bytes(payload)
+    url = f"{https_server.url}/net.pkl?token=secret"
+    path, sha256 = storage.fetch_cached(url)
+    assert sha256 == hashlib.sha256(payload).hexdigest()
+    with open(path, "rb") as f:
+        assert f.read() == payload
+    assert path.startswith(str(tmp_path / "cache")) and path.endswith("-net.pkl")
+    first = capsys.readouterr().err
+    assert f"sha256 {sha256}" in first and "secret" not in first
+    # The second time comes from the cache: no request reaches the server.
+    assert storage.fetch_cached(url) == (path, sha256)
+    assert len(https_server.gets) == 1
+    assert f"using cached {path} (sha256 {sha256})" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "cache" / "downloads").iterdir() if "tmp" in p.name] == []
+
+
+def test_https_errors_are_one_line_naming_the_url_without_its_query(
+    https_server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SG2DIST_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"net\.pkl answered HTTP 404") as missing:
+        storage.fetch_cached(f"{https_server.url}/missing/net.pkl?sig=abc")
+    assert "sig=abc" not in str(missing.value)
+    # A server whose certificate this process does not trust is refused, not used.
+    monkeypatch.delenv("SSL_CERT_FILE")
+    (https_server.root / "net.pkl").write_bytes(b"x")
+    with pytest.raises(UserError, match="cannot download .*CERTIFICATE_VERIFY_FAILED"):
+        storage.fetch_cached(f"{https_server.url}/net.pkl")
+    assert not list((tmp_path / "cache" / "downloads").glob("*net.pkl"))

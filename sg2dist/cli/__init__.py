@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("sg2dist.cli.metrics", "score a checkpoint with FID/KID"),
     "export": ("sg2dist.cli.export", "log G_ema of a checkpoint as an MLflow model"),
     "bench": ("sg2dist.cli.bench", "benchmark a training step or the data loader"),
+    "import": ("sg2dist.cli.import_pickle", "turn an official StyleGAN2 network pickle into a run"),
 }
 
 

@@ -42,7 +42,8 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         metavar="URL",
-        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://",
+        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://; or an "
+        "official network pickle (.pkl path, s3:// or https:// URL), imported in memory",
     )
 
 
@@ -192,5 +193,6 @@ def load_generator_or_explain(
         raise UserError(
             f"checkpoint {url} could not be read as a sg2dist G_ema "
             f"({type(exc).__name__}: {reason}); "
-            "pass a run folder or checkpoints/nimg-... folder written by `sg2dist train`"
+            "pass a run folder or checkpoints/nimg-... folder written by `sg2dist train` "
+            "or `sg2dist import`"
         ) from None

@@ -1,9 +1,9 @@
 """Everything a run is made of, built from the config before the first step.
 
 `build_session(cfg, resume=..., init_from=...)` makes the Accelerator, resolves the
-dataset, builds G, D, G_ema and their optimizers, restores a checkpoint (or loads
---init-from weights), starts the data stream where the checkpoint left it and opens
-the MLflow run. The loop (loop.py) only runs what this returns.
+dataset, builds G, D, G_ema and their optimizers (D's first train.freeze_d layers frozen),
+restores a checkpoint (or loads --init-from weights), starts the data stream where the
+checkpoint left it and opens the MLflow run. The loop (loop.py) only runs what this returns.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ class Session:
         return fn(*args, **kwargs) if self.is_main else None
 
 
-def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
+def build_session(cfg: Config, *, resume: str, init_from: ckpt.Checkpoint | None = None) -> Session:
+    """`init_from`: the --init-from checkpoint (or imported pickle), already read, whose model
+    config `cfg.model` was taken from (config.load_config(model_from=...))."""
     accelerator = make_accelerator(cfg.train.precision)
     batch_gpu, accum = cfg.train.batch_layout(accelerator.num_processes)
     manifest = resolve_dataset(cfg, accelerator)
@@ -96,7 +98,7 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
             + ("" if checkpoint.meta["world_size"] == accelerator.num_processes else restarted),
             flush=True,
         )
-    elif init_from:
+    elif init_from is not None:
         ckpt.load_weights(init_from, nets)
     loader = build_loader(
         cfg.data.url,
@@ -162,6 +164,11 @@ def resolve_dataset(cfg: Config, accelerator: Accelerator) -> Manifest:
                 f"data.use_labels=true but {cfg.data.url} has no labels; set it to false"
             )
         cfg.model.c_dim = manifest.c_dim
+    elif cfg.model.c_dim > 0:
+        raise UserError(
+            f"model.c_dim={cfg.model.c_dim} (a conditional model) needs labels; set "
+            "data.use_labels=true with a dataset of that many classes"
+        )
     return manifest
 
 
@@ -181,12 +188,14 @@ def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
     G, D = build_networks(cfg.model)
     G, D = use_conv_layout_(G, accelerator.device), use_conv_layout_(D, accelerator.device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False).to(accelerator.device)
+    # Frozen before DDP wraps D: its reducer then leaves the frozen layers out.
+    D_params = freeze_d_layers(D, cfg.train.freeze_d)
     t = cfg.train
     g_lr, g_betas = lazy_adam_hparams(t.g_lr, t.betas, t.pl_interval if t.pl_weight > 0 else 0)
     d_lr, d_betas = lazy_adam_hparams(t.d_lr, t.betas, t.r1_interval if t.r1_gamma > 0 else 0)
     # fused: one kernel for all parameters instead of ~10 ops per tensor (CPU and CUDA).
     G_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=g_betas, eps=t.eps, fused=True)
-    D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=t.eps, fused=True)
+    D_opt = torch.optim.Adam(D_params, lr=d_lr, betas=d_betas, eps=t.eps, fused=True)
     G_ddp, D_ddp, G_opt, D_opt = accelerator.prepare(G, D, G_opt, D_opt)
     return Nets(
         G_ddp=G_ddp,
@@ -197,6 +206,20 @@ def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
         G_opt=G_opt,
         D_opt=D_opt,
     )
+
+
+def freeze_d_layers(D: Discriminator, freeze_d: int) -> list[torch.nn.Parameter]:
+    """Freeze-D: D's first `freeze_d` layers from the top resolution get no gradients; returns
+    the parameters that are trained (the optimizer's)."""
+    layers = D.layers_from_top()
+    if freeze_d > len(layers):
+        raise UserError(
+            f"train.freeze_d={freeze_d}, but D has {len(layers)} layers that can be frozen "
+            f"(fromRGB and 3 per block above 4x4); use at most {len(layers)}"
+        )
+    for layer in layers[:freeze_d]:
+        layer.requires_grad_(False)
+    return [p for p in D.parameters() if p.requires_grad]
 
 
 def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:

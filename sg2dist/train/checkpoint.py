@@ -16,6 +16,11 @@ What a training checkpoint holds is declared here, in one place (`training_conte
 RNG state of every rank (state.pt); the loop counters, pl_mean, skipped steps, every
 rank's data stream position, the MLflow run id and the resolved config (meta.json).
 That is everything needed to continue exactly as if never interrupted.
+
+An official network pickle (`sg2dist import`, or a .pkl / https:// URL wherever a checkpoint
+URL is taken) becomes a weights-only checkpoint (`imported_contents`): G, D, G_ema and the
+inferred config, with what the pickle says about its training under meta.json "imported".
+It can start a run (--init-from) but not resume one.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sg2dist import __version__, storage
-from sg2dist.config import Config, config_from_dict
+from sg2dist import __version__, interop, storage
+from sg2dist.config import Config, ModelConfig, config_from_dict
 from sg2dist.errors import UserError
 from sg2dist.train.step import Nets, StepState
 
@@ -149,7 +154,11 @@ def find_latest(run_dir: str) -> Checkpoint | None:
 
 
 def load_checkpoint(url: str) -> Checkpoint:
-    """A run folder (its latest checkpoint) or one step folder; one clear error if neither."""
+    """A run folder (its latest checkpoint) or one step folder; one clear error if neither.
+    An official network pickle (.pkl or http(s) URL) is imported in memory."""
+    if interop.is_network_pickle(url):
+        state, meta = imported_contents(interop.read_network_pickle(url))
+        return Checkpoint(url=storage.display_url(url), state=state, meta=meta)
     url = url.rstrip("/")
     if storage.exists(storage.join(url, META_FILE)):
         checkpoint = _read_verified(url)
@@ -199,6 +208,32 @@ def load_generator(
     G_ema, _ = build_networks(cfg.model)
     G_ema.load_state_dict(checkpoint.state["G_ema"])
     return G_ema.eval().requires_grad_(False).to(device), cfg, checkpoint.meta
+
+
+def imported_contents(
+    imported: interop.ImportedNetworks, run_dir: str = ""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a weights-only checkpoint made from an official network pickle (to
+    be saved into `run_dir`, if given)."""
+    cfg = Config()
+    cfg.run.dir = run_dir or cfg.run.dir
+    cfg.model = imported.model
+    cfg.data.use_labels = imported.model.c_dim > 0
+    cfg.data.mirror = bool(imported.info.get("xflip"))
+    cfg.validate()
+    state = {"G": imported.G, "D": imported.D, "G_ema": imported.G_ema}
+    meta = {
+        "format": FORMAT,
+        "sg2dist_version": __version__,
+        "config": cfg.to_dict(),
+        "imported": imported.info,
+    }
+    return state, meta
+
+
+def source_model(checkpoint: Checkpoint) -> ModelConfig:
+    """The model config of the run or pickle that --init-from names."""
+    return config_from_dict(checkpoint.meta["config"]).model
 
 
 # ---------------------------------------------------------------------------- training contents
@@ -254,10 +289,23 @@ def restore_training(
     """Load every piece of `training_contents` into the given parts; returns this rank's
     data stream state (None when the world size changed: the stream restarts)."""
     meta, state = checkpoint.meta, checkpoint.state
-    if meta["config"]["model"] != dataclasses.asdict(cfg.model):
+    if "G_opt" not in state:
+        raise UserError(
+            f"checkpoint {checkpoint.url} holds weights only (an imported network); "
+            f"start a new run.dir with --init-from {checkpoint.url}"
+        )
+    # Through config_from_dict: keys added since the checkpoint was written get defaults.
+    trained = config_from_dict(meta["config"])
+    if trained.model != cfg.model:
         raise UserError(
             f"checkpoint {checkpoint.url} was trained with a different model config; "
             "use a new run.dir, or --init-from to fine-tune its weights"
+        )
+    if trained.train.freeze_d != cfg.train.freeze_d:
+        raise UserError(
+            f"checkpoint {checkpoint.url} was trained with train.freeze_d="
+            f"{trained.train.freeze_d}; resume with the same value (its D optimizer holds "
+            "the unfrozen layers only)"
         )
     nets.G_net.load_state_dict(state["G"])
     nets.D_net.load_state_dict(state["D"])
@@ -276,16 +324,16 @@ def restore_training(
     return meta["data_states"][rank]
 
 
-def load_weights(url: str, nets: Nets) -> None:
-    """--init-from: G, D and G_ema weights for fine-tuning; counters and optimizers start fresh."""
-    checkpoint = load_checkpoint(url)
+def load_weights(checkpoint: Checkpoint, nets: Nets) -> None:
+    """--init-from: G, D and G_ema weights (w_avg included) for fine-tuning; counters and
+    optimizers start fresh."""
     try:
         nets.G_net.load_state_dict(checkpoint.state["G"])
         nets.D_net.load_state_dict(checkpoint.state["D"])
         nets.G_ema.load_state_dict(checkpoint.state["G_ema"])
     except RuntimeError as exc:
         raise UserError(
-            f"--init-from {url}: its networks do not match model.* of this config "
+            f"--init-from {checkpoint.url}: its networks do not match model.* of this config "
             f"({str(exc)[:120]}...); "
             "use the same model settings as that run"
         ) from None

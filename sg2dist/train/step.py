@@ -159,6 +159,12 @@ def _phase_passes(
     raise ValueError(f"unknown phase {phase.name}")
 
 
+def _set_trained(opt: torch.optim.Optimizer, requires_grad: bool) -> None:
+    for group in opt.param_groups:
+        for param in group["params"]:
+            param.requires_grad_(requires_grad)
+
+
 def _grads_finite(module: torch.nn.Module) -> bool:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
@@ -179,8 +185,9 @@ def _run_phase(
     is_G = phase.net == "G"
     ddp, opt = (nets.G_ddp, nets.G_opt) if is_G else (nets.D_ddp, nets.D_opt)
     # Only the trained network builds parameter gradients; the other is a fixed function.
-    nets.G_net.requires_grad_(is_G)
-    nets.D_net.requires_grad_(not is_G)
+    # Switched through the optimizers: layers frozen by Freeze-D (in no optimizer) stay off.
+    _set_trained(nets.G_opt, is_G)
+    _set_trained(nets.D_opt, not is_G)
     opt.zero_grad(set_to_none=True)
     num_rounds = len(micro_batches)
     phase_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -239,8 +246,8 @@ def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_
             ctx.stats[key].append(torch.stack(values).mean())
     state.nonfinite_in_row = state.nonfinite_in_row + 1 if any_skipped else 0
     state.skipped_steps += int(any_skipped)
-    nets.G_net.requires_grad_(False)
-    nets.D_net.requires_grad_(False)
+    _set_trained(nets.G_opt, False)
+    _set_trained(nets.D_opt, False)
 
 
 def collect_stats(ctx: StepContext) -> dict[str, float]:

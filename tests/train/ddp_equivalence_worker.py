@@ -1,6 +1,6 @@
 """Runs a few real training steps on fixed data; launched by test_distributed.py.
 
-Usage: python ddp_equivalence_worker.py OUT.pt BATCH BATCH_GPU STEPS [PRECISION]
+Usage: python ddp_equivalence_worker.py OUT.pt BATCH BATCH_GPU STEPS [PRECISION [FREEZE_D]]
 Under torchrun each rank takes the micro-batches that the global layout assigns it
 (global micro-batch j = round * world_size + rank), so any layout sees the same samples.
 """
@@ -21,9 +21,16 @@ from sg2dist.train.build import build_nets, build_step_context, make_accelerator
 from sg2dist.train.step import StepState, train_step, update_ema
 
 
+def ddp_parameter_tensors(module: torch.nn.Module) -> int | None:
+    if not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return None
+    return int(module._get_ddp_logging_data()["num_parameter_tensors"])
+
+
 def main() -> None:
     out, batch, batch_gpu, steps = sys.argv[1], *map(int, sys.argv[2:5])
     precision = sys.argv[5] if len(sys.argv) > 5 else "no"
+    freeze_d = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     cfg = load_config(
         None,
         [
@@ -36,11 +43,13 @@ def main() -> None:
             "train.r1_gamma=1.0",
             "train.pl_batch_shrink=2",
             "train.style_mixing_prob=0.9",
+            f"train.freeze_d={freeze_d}",
         ],
     )
     acc = make_accelerator(cfg.train.precision)
     _, accum = cfg.train.batch_layout(acc.num_processes)
     nets = build_nets(cfg, acc)
+    D_init = {name: p.detach().clone() for name, p in nets.D_net.named_parameters()}
     ctx = build_step_context(cfg, acc)
     state = StepState()
     data = torch.Generator().manual_seed(1234)
@@ -66,12 +75,17 @@ def main() -> None:
         def params(net):
             return {name: p.detach() for name, p in net.named_parameters()}
 
+        trained = {id(p) for group in nets.D_opt.param_groups for p in group["params"]}
         torch.save(
             {
                 "G": params(nets.G_net),
                 "D": params(nets.D_net),
                 "G_ema": params(nets.G_ema),
                 "pl_mean": state.pl_mean,
+                "D_init": D_init,
+                "D_trained": [n for n, p in nets.D_net.named_parameters() if id(p) in trained],
+                # How many tensors DDP's reducer all-reduces (None on one process: no DDP).
+                "D_synced_tensors": ddp_parameter_tensors(nets.D_ddp),
             },
             out,
         )
