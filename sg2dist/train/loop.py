@@ -249,6 +249,7 @@ def maybe_compute_metrics(session: Session) -> None:
         m.metrics,
         device=acc.device,
         inception_weights=m.inception_weights,
+        lpips_weights=m.lpips_weights,
         rank=acc.process_index,
         world_size=acc.num_processes,
     )
