@@ -256,7 +256,7 @@ def maybe_compute_metrics(session: Session) -> None:
     session.on_main(
         print, "metrics " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True
     )
-    session.on_main(session.tracker.log_metrics, scores, step=session.progress.cur_nimg)
+    session.on_main(session.tracker.log_scores, scores, step=session.progress.cur_nimg)
 
 
 def log_final_generator(session: Session) -> None:
