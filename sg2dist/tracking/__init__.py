@@ -46,6 +46,10 @@ class NullTracker:
         """G_ema as a model; returns its model URI, "" when nothing was logged."""
         return ""
 
+    def log_file(self, local_path: str, artifact_folder: str) -> str:
+        """One file as a run artifact; returns its `runs:/` URI, "" when nothing was logged."""
+        return ""
+
     def end(self, status: str = "FINISHED") -> None:
         """Flush and close: FINISHED / FAILED / KILLED."""
 

@@ -357,6 +357,18 @@ class Tracker(NullTracker):
             self._call(log_generator)
         return model_uri
 
+    def log_file(self, local_path: str, artifact_folder: str) -> str:
+        """One file (e.g. an exported ONNX model) as an artifact; its `runs:/` URI, "" when
+        MLflow failed."""
+        self._offline_until, self._last_warning = 0.0, -float("inf")
+        with _env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(_MODEL_UPLOAD_TIMEOUT_S)}):
+            outcome = self._call(
+                self._client.log_artifact, self.run_id, local_path, artifact_folder
+            )
+        if outcome != SENT:
+            return ""
+        return f"runs:/{self.run_id}/{artifact_folder}/{Path(local_path).name}"
+
     def end(self, status: str = "FINISHED") -> None:
         """Flush, stop system metrics, mark the run FINISHED / FAILED / KILLED."""
         self._offline_until = 0.0  # one last try, whatever the back-off says
