@@ -96,6 +96,8 @@ def export_file(args: argparse.Namespace) -> int:
 
     if not args.output:
         raise UserError(f"--format {args.format} writes a file; pass --output FILE")
+    if args.register:
+        raise UserError("--register names an MLflow model; use it with --format mlflow")
     check_suffix(args.output, (FILE_FORMATS[args.format],), "--output")
     batch = parse_batch(args.batch)
     if args.format == "onnx":

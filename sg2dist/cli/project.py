@@ -43,8 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(parser)
     parser.add_argument("--target", required=True, help="image to project (local or s3://)")
     parser.add_argument("--outdir", required=True, help="output folder (local or s3://)")
-    parser.add_argument("--steps", type=int, default=1000, help="optimisation steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and w statistics")
+    parser.add_argument("--steps", type=int, default=1000, help="optimisation steps (1000)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the starting noise and w statistics (0)"
+    )
     parser.add_argument(
         "--class",
         dest="class_idx",

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from support.mlflow_server import MlflowServer, tracking_config
 from support.tiny import tiny_generator
 
-from sg2dist import cli
+from sg2dist import cli, storage
 from sg2dist.train.checkpoint import save_checkpoint
 
 
@@ -108,6 +108,7 @@ def test_export_file_mistakes_are_one_clear_error(
         f"{base} --output {out}/g.onnx --batch 0": "--batch 0: write a number >= 1, or dynamic",
         f"{base} --output {out}/g.onnx --noise-mode random": "noise mode 'random' cannot be",
         f"{base} --output {out}/g.onnx --trunc-cutoff 7": "--trunc-cutoff 7 is out of range",
+        f"{base} --output {out}/g.onnx --register x": "use it with --format mlflow",
     }
     for command, words in cases.items():
         assert cli.main(command.split()) == 2, command
@@ -120,3 +121,20 @@ def test_export_file_mistakes_are_one_clear_error(
     err = capsys.readouterr().err
     assert "needs the 'onnxscript' package" in err and "pip install 'sg2dist[onnx]'" in err
     assert not out.exists()
+
+
+def test_export_command_writes_a_torch_export_program_to_s3(s3_env, tmp_path: Path) -> None:
+    G, model_cfg = tiny_generator()
+    cfg = tracking_config(tmp_path, "")
+    cfg.model = model_cfg
+    save_checkpoint(cfg.run.dir, 2000, {"G_ema": G.state_dict()}, {"config": cfg.to_dict()})
+    url = f"{s3_env.url}/models/g.pt2"
+    command = f"export --checkpoint {cfg.run.dir} --format pt2 --output {url} --batch 3"
+    assert cli.main(command.split()) == 0
+
+    storage.download_file(url, str(tmp_path / "g.pt2"))
+    program = torch.export.load(str(tmp_path / "g.pt2")).module()
+    z = torch.from_numpy(np.random.RandomState(5).randn(3, 16)).float()
+    with torch.no_grad():
+        expected = G(z, torch.zeros(3, 0), truncation_psi=0.5, noise_mode="const")
+        torch.testing.assert_close(program(z, torch.tensor(0.5)), expected, atol=1e-4, rtol=0)
