@@ -191,7 +191,7 @@ def project(
         for distance in _steps(
             G, lpips, target_features, w_opt, noise_maps, optimizer, settings, w_std, generator
         ):
-            ws_steps.append(w_opt.detach().expand(1, G.num_ws, -1).cpu().clone())
+            ws_steps.append(w_opt.detach().expand(1, G.num_ws, -1).to("cpu", copy=True))
             distances.append(distance)
             bar.set_postfix(dist=f"{distance:.4f}", refresh=False)
             bar.update()

@@ -13,7 +13,7 @@ from sg2dist.model import build_networks
 from sg2dist.sampling import class_labels, map_z, synthesize, z_from_seeds
 
 CPU = torch.device("cpu")
-STEPS = 30
+STEPS = 20
 
 
 def images_of(G, ws: torch.Tensor) -> np.ndarray:
@@ -50,10 +50,11 @@ def test_projection_of_a_generated_image_gets_close_to_it(lpips_weights: str) ->
     with torch.no_grad():
         features = lpips(torch.from_numpy(np.concatenate([images, images_of(G, result.ws)])))
     to_target = lpips_distance(features[:1], features).numpy()  # 0, the other seeds, the result
-    start = lpips_distance(features[:1], lpips(torch.from_numpy(images_of(G, result.ws_steps[:1]))))
-    # Measured 0.11 (the start: 0.64, the other seeds' images 0.56 and more).
+    first_step = images_of(G, result.ws_steps[:1])
+    after_first_step = lpips_distance(features[:1], lpips(torch.from_numpy(first_step)))
+    # Measured 0.11 (after the first step 0.30, the other seeds' images 0.38 and more).
     assert to_target[-1] < 0.25
-    assert to_target[-1] < 0.5 * float(start)
+    assert to_target[-1] < 0.5 * float(after_first_step)
     assert to_target[-1] < to_target[1:-1].min()
 
 
