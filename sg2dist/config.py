@@ -195,6 +195,7 @@ class MetricsConfig:
     every_kimg: float = 0.0  # 0 = no metrics during training
     metrics: list[str] = field(default_factory=lambda: ["fid50k"])
     inception_weights: str = ""  # local path or s3:// URL of the torch-fidelity Inception weights
+    lpips_weights: str = ""  # local path or s3:// URL of lpips-vgg16.pth (PPL, `sg2dist project`)
 
     def validate(self) -> None:
         if self.every_kimg < 0:

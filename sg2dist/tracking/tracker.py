@@ -49,6 +49,7 @@ from sg2dist.config import Config
 from sg2dist.errors import UserError
 from sg2dist.tracking import NullTracker
 from sg2dist.tracking.generator_model import log_generator_model
+from sg2dist.tracking.names import mlflow_metric_name, score_metric_name
 from sg2dist.tracking.redact import flatten_config, redact, redact_text
 
 # Short HTTP timeouts so that a dead server blocks a training step for seconds, not the
@@ -312,15 +313,20 @@ class Tracker(NullTracker):
     # ------------------------------------------------------------------ what the trainer calls
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Scalars at an explicit `step` (kimg or images seen), so curves continue on resume."""
+        """Scalars at an explicit `step` (kimg or images seen), so curves continue on resume,
+        under their grouped MLflow names (loss_G -> loss/G: names.py)."""
         timestamp_ms = int(time.time() * 1000)
         self._pending_metrics += [
-            Metric(key, float(value), timestamp_ms, int(step)) for key, value in metrics.items()
+            Metric(mlflow_metric_name(key), float(value), timestamp_ms, int(step))
+            for key, value in metrics.items()
         ]
         overflow = len(self._pending_metrics) - _MAX_PENDING_METRICS
         if overflow > 0:
             del self._pending_metrics[:overflow]
         self._flush()
+
+    def log_scores(self, scores: dict[str, float], step: int) -> None:
+        self.log_metrics({score_metric_name(name): value for name, value in scores.items()}, step)
 
     def set_tag(self, key: str, value: str) -> None:
         self._pending_tags[key] = redact(key, value)
@@ -350,6 +356,18 @@ class Tracker(NullTracker):
         with _env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(_MODEL_UPLOAD_TIMEOUT_S)}):
             self._call(log_generator)
         return model_uri
+
+    def log_file(self, local_path: str, artifact_folder: str) -> str:
+        """One file (e.g. an exported ONNX model) as an artifact; its `runs:/` URI, "" when
+        MLflow failed."""
+        self._offline_until, self._last_warning = 0.0, -float("inf")
+        with _env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(_MODEL_UPLOAD_TIMEOUT_S)}):
+            outcome = self._call(
+                self._client.log_artifact, self.run_id, local_path, artifact_folder
+            )
+        if outcome != SENT:
+            return ""
+        return f"runs:/{self.run_id}/{artifact_folder}/{Path(local_path).name}"
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush, stop system metrics, mark the run FINISHED / FAILED / KILLED."""

@@ -249,13 +249,14 @@ def maybe_compute_metrics(session: Session) -> None:
         m.metrics,
         device=acc.device,
         inception_weights=m.inception_weights,
+        lpips_weights=m.lpips_weights,
         rank=acc.process_index,
         world_size=acc.num_processes,
     )
     session.on_main(
         print, "metrics " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True
     )
-    session.on_main(session.tracker.log_metrics, scores, step=session.progress.cur_nimg)
+    session.on_main(session.tracker.log_scores, scores, step=session.progress.cur_nimg)
 
 
 def log_final_generator(session: Session) -> None:

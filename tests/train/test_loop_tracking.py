@@ -38,16 +38,18 @@ def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str):
 
 
 def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_run(
-    s3_env, mlflow_server, digits_url, inception_weights, monkeypatch
+    s3_env, mlflow_server, digits_url, inception_weights, lpips_weights, monkeypatch
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     env = dict(os.environ, OMP_NUM_THREADS="1", **mlflow_server.client_env())
     run_dir = f"{s3_env.url}/runs/tracked"
-    # FID during training, with a test-built Inception weights file (see support/inception.py).
+    # FID and PPL during training, with test-built Inception and LPIPS weights files (see
+    # support/inception.py, support/lpips.py).
     fid = [
         "metrics.every_kimg=0.032",
-        "metrics.metrics=fid64",
+        "metrics.metrics=fid64,ppl_wend8",
         f"metrics.inception_weights={inception_weights}",
+        f"metrics.lpips_weights={lpips_weights}",
     ]
     train(run_dir, digits_url, 0.032, env, *fid)
     client = MlflowClient(mlflow_server.uri)
@@ -59,24 +61,41 @@ def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_
     assert run.data.tags["world_size"] == "1"
     assert run.data.tags["dataset_manifest_hash"]
     assert run.data.tags["checkpoint"].startswith(run_dir + "/checkpoints/nimg-")
-    history = client.get_metric_history(run.info.run_id, "loss_G")
+    history = client.get_metric_history(run.info.run_id, "loss/G")
     assert [m.step for m in history] == [16, 32]
-    assert {"kimg", "img_per_s", "sec_per_kimg", "loss_D_real", "pl_mean"} <= set(run.data.metrics)
-    (fid_at_32,) = client.get_metric_history(run.info.run_id, "fid64")
+    names = set(run.data.metrics)
+    assert {
+        "progress/kimg", "speed/img_per_s", "speed/sec_per_kimg", "loss/D_real", "loss/r1",
+        "D/real", "D/fake", "pl/mean", "data/wait_frac", "memory/peak_rss_gb",
+    } <= names  # fmt: skip
+    # Every metric sits in a section of the MLflow UI: the trainer's keys are all renamed.
+    assert all("/" in name for name in names), sorted(names)
+    (fid_at_32,) = client.get_metric_history(run.info.run_id, "metrics/fid64")
     assert fid_at_32.step == 32 and fid_at_32.value > 0
+    (ppl_at_32,) = client.get_metric_history(run.info.run_id, "metrics/ppl_wend8")
+    assert ppl_at_32.step == 32 and ppl_at_32.value > 0
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert any("fakes" in path for path in images), images
     generator = mlflow.pyfunc.load_model(run.data.tags["generator_model_uri"])
     images = generator.predict(pd.DataFrame({"seed": [0, 1], "psi": [1.0, 0.5]}))
     assert images.shape[:3] == (2, 32, 32) and images.dtype == np.uint8
 
+    # A run from before the grouped names has its losses under the old flat names.
+    client.log_metric(run.info.run_id, "loss_G", 0.7, step=8)
+
     # Kill-and-resume stands in as "a later invocation": it must continue the same MLflow run.
     train(run_dir, digits_url, 0.064, env, *fid)
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id]
-    history = client.get_metric_history(run.info.run_id, "loss_G")
-    assert [m.step for m in history] == [16, 32, 48, 64]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "fid64")] == [32, 64]
+
+    def steps(name):
+        return [m.step for m in client.get_metric_history(run.info.run_id, name)]
+
+    assert steps("loss/G") == [16, 32, 48, 64]
+    assert steps("metrics/fid64") == steps("metrics/ppl_wend8") == [32, 64]
+    # The old series stays readable as it was; the resumed run goes on under the new names.
+    (old,) = client.get_metric_history(run.info.run_id, "loss_G")
+    assert (old.step, old.value) == (8, 0.7)
 
     # No secret value anywhere: params, tags, metric names.
     final = client.get_run(run.info.run_id)
