@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from sg2dist.config import Config
 
 
+GENERATOR_TAG = "generator_model_uri"  # the run tag naming the final G_ema model
+
+
 class NullTracker:
     """The tracker interface, doing nothing. Keeps the run id of a checkpoint written
     without tracking, so a later tracked resume can continue that MLflow run."""
@@ -39,6 +42,11 @@ class NullTracker:
 
     def log_generator(self, G_ema: torch.nn.Module, cfg: Config, *, register_name: str = "") -> str:
         """G_ema as a model; returns its model URI, "" when nothing was logged."""
+        return ""
+
+    def logged_generator_uri(self) -> str:
+        """The URI of the generator model this run logged already ("" if none), so that a run
+        restarted after it finished does not log it twice."""
         return ""
 
     def end(self, status: str = "FINISHED") -> None:

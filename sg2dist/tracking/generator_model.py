@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from sg2dist.model import Generator
 
 
+GENERATOR_MODEL_NAME = "generator"  # the name of the logged model in its run
+
+
 class GeneratorModel(PythonModel):
     """pyfunc wrapper of G_ema: one row per image, columns `seed` or `z`, optional `psi`
     (truncation, default 1) and `class_idx` (conditional models); returns uint8 images
@@ -124,7 +127,7 @@ def log_generator_model(
         mlflow.set_tracking_uri(tracking_uri)  # Model.log reads the process-wide URI
         info = Model.log(
             artifact_path=None,
-            name="generator",
+            name=GENERATOR_MODEL_NAME,
             flavor=mlflow.pyfunc,
             python_model=GeneratorModel(),
             artifacts={"weights": str(weights), "model_config": str(config_file)},

@@ -6,13 +6,14 @@ file) in place of `sg2dist train` through the script's SG2DIST_ENTRY_MODULE hook
 two train the quickstart for real.
 """
 
+import contextlib
+import hashlib
 import importlib.machinery
 import importlib.util
 import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,8 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 import yaml
+from support.ports import free_port
+
+from sg2dist.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "sg2dist-launch"
@@ -32,12 +38,6 @@ LAUNCH_VARS = (
     "SG2DIST_ACCELERATE_CONFIG", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "WORLD_SIZE", "RANK",
 )  # fmt: skip
 TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def probe_env(out_dir: Path, **variables: str) -> dict[str, str]:
@@ -329,3 +329,131 @@ def test_preempting_one_machine_checkpoints_both_and_neither_counts_as_finished(
             "exit non-zero (not 2) when it stopped before train.kimg"
         )
     assert code0 not in (0, 2), f"machine 0 exited {code0}:\n{out0[-2000:]}\n{err0[-2000:]}"
+
+
+def machine_processes(launch: Launch) -> list[psutil.Process]:
+    """One machine: its launch script (torchrun's agent runs inside it) and every process
+    below it (trainers, their data workers), found by parentage, never by name."""
+    try:
+        root = psutil.Process(launch.process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:  # it ended (and was reaped) already
+        return []
+
+
+def is_stopped(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:
+        return False
+
+
+def signal_all(processes: list[psutil.Process], signum: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
+def checkpoint_files(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file under checkpoints/: equal dicts mean byte-identical checkpoints."""
+    root = run_dir / "checkpoints"
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def two_machine_training(
+    tmp_path: Path, data_url: str, run_dir: Path, *overrides: str, **env1: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The environments of machines 0 and 1 training the quickstart into `run_dir`
+    (batch 32 = 16 per process x 2, a checkpoint every 2 steps); `env1` only for machine 1."""
+    sets = [
+        "train.batch=32",
+        "train.batch_gpu=16",
+        "run.snapshot_kimg=0.064",
+        f"data.url={data_url}",
+        f"run.dir={run_dir}",
+        "tracking.enabled=false",
+        *overrides,
+    ]
+    shared = dict(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(free_port()), SG2DIST_WAIT_S="120",
+                  SG2DIST_ENTRY_MODULE="sg2dist", SG2DIST_SET=shlex.join(sets))  # fmt: skip
+    return probe_env(tmp_path, NODE_RANK="0", **shared), probe_env(
+        tmp_path, NODE_RANK="1", **shared, **env1
+    )
+
+
+def test_a_frozen_machine_is_named_the_other_exits_75_and_both_resume_exactly(tmp_path, digits_url):
+    """A node that hangs (here: every process of machine 1 stopped with SIGSTOP) must not hold
+    the others for the 2-hour collective timeout: machine 0 names it and exits 75 within
+    run.peer_timeout_s; restarted, both resume from the latest checkpoint and end exactly
+    where an uninterrupted run ends. Restarting that finished run then trains nothing."""
+    peer_timeout_s = 8
+    length = ["train.kimg=0.192", f"run.peer_timeout_s={peer_timeout_s}"]  # 6 steps
+    # Machine 1's trainer suspends itself right after its first snapshot (nimg 64) landed:
+    # a deterministic point mid-run. Then the test stops every other process of machine 1.
+    env0, env1 = two_machine_training(
+        tmp_path, digits_url, tmp_path / "run", *length, SG2DIST_FAILPOINT="snapshot-done:stop"
+    )
+    machine0, machine1 = start(env0), start(env1)
+    frozen: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not any(is_stopped(p) for p in machine_processes(machine1)):
+            assert machine0.process.poll() is None, finish(machine0)
+            assert machine1.process.poll() is None, finish(machine1)
+            assert time.monotonic() < deadline, "machine 1 never reached its first snapshot"
+            time.sleep(0.2)
+        frozen = machine_processes(machine1)
+        signal_all(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        code0, out0, err0 = finish(machine0)
+        waited_s = time.monotonic() - stopped_at
+    finally:
+        signal_all(frozen or machine_processes(machine1), signal.SIGKILL)
+        machine1.process.wait()
+        if machine0.process.poll() is None:
+            signal_all(machine_processes(machine0), signal.SIGKILL)
+            machine0.process.wait()
+    assert code0 == 75, f"machine 0 exited {code0}:\n{out0[-2000:]}\n{err0[-3000:]}"
+    # Within the timeout plus a generous margin for the agent's shutdown on a busy machine;
+    # without heartbeats it would wait 2 x the timeout (the collective timeout) or more.
+    assert waited_s < peer_timeout_s + 30, waited_s
+    (line,) = [line for line in err0.splitlines() if line.startswith("sg2dist: error:")]
+    assert line.startswith("sg2dist: error: rank 1 (node1 on "), line
+    assert "sent no heartbeat for" in line and f"(run.peer_timeout_s={peer_timeout_s})" in line
+    assert line.endswith("rank 0 (node0) exits 75 so the job restarts every node from the latest "
+                         "checkpoint")  # fmt: skip
+    assert latest_progress(tmp_path / "run")["cur_nimg"] == 64
+
+    # The Job restarts both machines: they resume from nimg 64 and finish.
+    resumed = two_machines(*two_machine_training(tmp_path, digits_url, tmp_path / "run", *length))
+    for rank, (code, out, err) in enumerate(resumed):
+        assert code == 0, f"machine {rank}:\n{out[-2000:]}\n{err[-3000:]}"
+    assert "resumed from" in resumed[0][1] and "nimg-000000000064" in resumed[0][1]
+    whole = tmp_path / "whole"
+    uninterrupted = two_machines(*two_machine_training(tmp_path, digits_url, whole, *length))
+    for rank, (code, out, err) in enumerate(uninterrupted):
+        assert code == 0, f"machine {rank}:\n{out[-2000:]}\n{err[-3000:]}"
+    a, b = ckpt.find_latest(str(tmp_path / "run")), ckpt.find_latest(str(tmp_path / "whole"))
+    assert a.meta["progress"] == b.meta["progress"] and a.meta["progress"]["cur_nimg"] == 192
+    for part in ("G", "D", "G_ema"):
+        for key, tensor in a.state[part].items():
+            assert torch.equal(tensor, b.state[part][key]), f"{part}.{key}"
+    for part in ("G_opt", "D_opt"):
+        for index, slot in a.state[part]["state"].items():
+            for name, value in slot.items():
+                assert torch.equal(value, b.state[part]["state"][index][name]), f"{part}.{name}"
+
+    # A finished run started again (a pod killed after its final checkpoint): no step on any
+    # rank, every machine exits 0, the checkpoints stay byte for byte what they were.
+    before = checkpoint_files(tmp_path / "whole")
+    again = two_machines(*two_machine_training(tmp_path, digits_url, whole, *length))
+    for rank, (code, out, err) in enumerate(again):
+        assert code == 0, f"machine {rank}:\n{out[-2000:]}\n{err[-3000:]}"
+        assert "tick" not in out
+    assert "already complete at kimg 0.192" in again[0][1]
+    assert checkpoint_files(tmp_path / "whole") == before
