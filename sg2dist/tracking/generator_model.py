@@ -125,6 +125,10 @@ def log_generator_model(
         config_file = Path(tmp, "model_config.json")
         config_file.write_text(json.dumps(dataclasses.asdict(model_cfg)))
         mlflow.set_tracking_uri(tracking_uri)  # Model.log reads the process-wide URI
+        # ... and files the model under the process-wide experiment ("Default" unless set),
+        # not the run's: set it, so the model shows (and is found) with its run.
+        run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
         info = Model.log(
             artifact_path=None,
             name=GENERATOR_MODEL_NAME,
