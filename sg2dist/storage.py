@@ -260,15 +260,17 @@ def retry_unavailable(fn: Callable[[], T], *, what: str, budget_s: float) -> T:
             return fn()
         except StorageUnavailableError as exc:
             elapsed_s = time.monotonic() - started
-            if elapsed_s + delay_s > budget_s:
-                raise StorageUnavailableError(
-                    f"{what} failed {attempt} time(s) over {elapsed_s:.0f} s: {exc}"
-                ) from None
+            again = elapsed_s + delay_s <= budget_s
             print(
-                f"[storage] {what} failed (attempt {attempt}): {exc}; retrying in {delay_s:g} s",
+                f"[storage] {what} failed (attempt {attempt}): {exc}; "
+                + (f"retrying in {delay_s:g} s" if again else "giving up"),
                 file=sys.stderr,
                 flush=True,
             )
+            if not again:
+                raise StorageUnavailableError(
+                    f"{what} failed {attempt} time(s) over {elapsed_s:.0f} s: {exc}"
+                ) from None
         time.sleep(delay_s)
         delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
         attempt += 1

@@ -86,13 +86,7 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
     ctx = build_step_context(cfg, accelerator)
     progress = ckpt.Progress(next_snapshot_nimg=snapshot_nimg(cfg))
     step_state = StepState()
-    # An outage of S3 at start must neither fail the Job for good nor start over an existing
-    # run: retry, then exit with the retryable code.
-    checkpoint = storage.retry_unavailable(
-        lambda: find_resume_checkpoint(cfg, resume),
-        what=f"reading the checkpoints of {cfg.run.dir}",
-        budget_s=cfg.run.storage_retry_s,
-    )
+    checkpoint = find_checkpoint_retrying(cfg, resume)
     data_state, run_id = None, None
     if checkpoint is not None:
         data_state = ckpt.restore_training(
@@ -237,6 +231,21 @@ def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
         scaler=accelerator.scaler,
         mbstd_group=cfg.model.mbstd_group,
     )
+
+
+def find_checkpoint_retrying(cfg: Config, resume: str) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume from. An S3 outage at start must neither fail the Job for good
+    (exit 2) nor start over an existing run: retry, then exit with the retryable code."""
+    try:
+        return storage.retry_unavailable(
+            lambda: find_resume_checkpoint(cfg, resume),
+            what=f"reading the checkpoints of {cfg.run.dir}",
+            budget_s=cfg.run.storage_retry_s,
+        )
+    except storage.StorageUnavailableError as exc:
+        raise storage.StorageUnavailableError(
+            f"{exc}; nothing was started: exit 75, so the job tries again"
+        ) from None
 
 
 def find_resume_checkpoint(cfg: Config, resume: str) -> ckpt.Checkpoint | None:
