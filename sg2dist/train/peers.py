@@ -12,13 +12,15 @@ What this module does instead, so that the training step gains no synchronisatio
 
 - Heartbeats in the rendezvous store. A daemon thread in every process adds 1 to its own
   counter in the TCPStore that torchrun already serves on MASTER_ADDR:MASTER_PORT, and reads
-  every rank's counter in the same round trip, every `beat_interval_s`. A counter that has
-  not moved for `run.peer_timeout_s` names a silent rank; a store that does not answer for
-  that long means node 0 (which serves it) is silent. The thread prints one line naming the
-  rank and node and ends the process with the retryable exit code (75), so the Job restarts
-  every node and they resume from the latest checkpoint. The thread runs beside the main
-  thread (torch releases the GIL in kernels and collectives), so a long step, a long
-  checkpoint write or a blocked collective does not stop it, and it costs the step nothing.
+  every rank's counter in the same round trip, every `beat_interval_s`. A second thread
+  judges what the first last saw: a counter that has not moved for `run.peer_timeout_s`
+  names a silent rank; a store that has not answered for that long means node 0 (which
+  serves it) is silent. Two threads, because a store call to a frozen host can block well
+  past its own timeout. The judge prints one line naming the rank and node and ends the
+  process with the retryable exit code (75), so the Job restarts every node and they
+  resume from the latest checkpoint. The threads run beside the main thread (torch releases
+  the GIL in kernels and collectives), so a long step, a long checkpoint write or a blocked
+  collective does not stop them, and they cost the step nothing.
 - Rank-0-only work is waited for in the store, not in a collective (`after_main`): the other
   ranks block in a store wait bounded by LONG_WORK_LIMIT_S, while the heartbeats tell them
   within `peer_timeout_s` if rank 0 died or froze meanwhile. Only the spans that can be long
@@ -46,6 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
@@ -108,6 +111,17 @@ def collective_failures_are_retryable(rank: int) -> Iterator[None]:
         ) from None
 
 
+@dataclass
+class _PeerView:
+    """What the beating thread last saw in the store; read by the judging thread."""
+
+    answered: float  # time.monotonic() of the store's last complete answer
+    moved: dict[int, float]  # rank -> when its beat count last changed (or our start)
+    counts: dict[int, bytes] = field(default_factory=dict)
+    who: dict[int, str] = field(default_factory=dict)  # rank -> "nodeN on HOST, pid P"
+    left: set[int] = field(default_factory=set)  # ranks that finished normally
+
+
 def node_name() -> str:
     """'node<machine rank>' as torchrun (GROUP_RANK) or a Kubernetes Indexed Job sets it."""
     for var in ("GROUP_RANK", "NODE_RANK", "JOB_COMPLETION_INDEX"):
@@ -134,7 +148,9 @@ class Peers:
         self._fences = 0
         self._fence_store: dist.TCPStore | None = None
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards _view
+        self._view = _PeerView(answered=0.0, moved={})
 
     @property
     def active(self) -> bool:
@@ -166,17 +182,24 @@ class Peers:
         identity = f"{node_name()} on {socket.gethostname()}, pid {os.getpid()}"
         self._fence_store.set(self._key("who", self.rank), identity)
         self._fence_store.add(self._key("beat", self.rank), 1)
-        self._thread = threading.Thread(target=self._watch, name="sg2dist-peers", daemon=True)
-        self._thread.start()
+        now = time.monotonic()
+        others = [r for r in range(self.world_size) if r != self.rank]
+        self._view = _PeerView(answered=now, moved=dict.fromkeys(others, now))
+        for target in (self._beat, self._judge):
+            thread = threading.Thread(target=target, name=f"sg2dist-peers-{target.__name__[1:]}")
+            thread.daemon = True  # never keeps a finished or failed process alive
+            thread.start()
+            self._threads.append(thread)
 
     def close(self) -> None:
         """This rank finished normally: stop watching, and tell the others not to wait for its
         heartbeats (ranks end a few moments apart)."""
-        if self._thread is None:
+        if not self._threads:
             return
         self._stopping.set()
-        self._thread.join(timeout=2 * self.beat_interval_s + 1)
-        self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=2 * self.beat_interval_s + 1)
+        self._threads = []
         assert self._fence_store is not None
         with contextlib.suppress(dist.DistError):  # the store is gone: the others end too
             self._fence_store.set(self._key("beat", self.rank), _LEFT.decode())
@@ -217,55 +240,62 @@ class Peers:
             )
         return result
 
-    # ------------------------------------------------------------------ the watcher thread
+    # ------------------------------------------------------------------ the two threads
 
-    def _watch(self) -> None:
-        """Beat, read every rank's beat count, end the process when one stops moving."""
-        ranks = [r for r in range(self.world_size) if r != self.rank]
-        started = time.monotonic()
-        last_change = {r: (b"", started) for r in ranks}  # count seen, when it last moved
+    def _beat(self) -> None:
+        """Beat, and read every rank's beat count (and once, who they are) into the view."""
+        others = sorted(self._view.moved)
+        beat_keys = {r: self._key("beat", r) for r in others}
         store: dist.TCPStore | None = None
-        answered = started  # the store's last answer
-        missing = set(ranks)  # not beaten yet: their timers run from our start
+        missing = set(others)  # not beaten yet (still starting)
         while not self._stopping.wait(self.beat_interval_s):
             try:
                 store = store or self._connect(self.beat_interval_s + 1)
                 store.add(self._key("beat", self.rank), 1)
-                missing = {r for r in missing if not store.check([self._key("beat", r)])}
-                present = [r for r in ranks if r not in missing]
-                counts = store.multi_get([self._key("beat", r) for r in present])
-            except dist.DistError:
-                store = None  # a client that timed out may be out of step: reconnect
-                if time.monotonic() - answered > self.peer_timeout_s:
-                    self._give_up(self._silent_store_message(time.monotonic() - answered))
+                missing = {r for r in missing if not store.check([beat_keys[r]])}
+                present = [r for r in others if r not in missing]
+                values = store.multi_get([beat_keys[r] for r in present]) if present else []
+                counts = dict(zip(present, values, strict=True))
+                who = {}
+                if not missing and not self._view.who:  # every rank announced itself
+                    names = store.multi_get([self._key("who", r) for r in others])
+                    who = {r: name.decode() for r, name in zip(others, names, strict=True)}
+            except (RuntimeError, OSError):  # DistError and friends: retry with a new client
+                store = None  # one that timed out may be out of step
                 continue
-            now = answered = time.monotonic()
-            for r, count in zip(present, counts, strict=True):
-                if count == _LEFT:
-                    ranks.remove(r)
-                elif count != last_change[r][0]:
-                    last_change[r] = (count, now)
-            silent = [r for r in ranks if now - last_change[r][1] > self.peer_timeout_s]
-            if silent:
-                quiet_s = now - max(last_change[r][1] for r in silent)
-                self._give_up(self._silent_ranks_message(store, silent, quiet_s))
+            now = time.monotonic()
+            with self._lock:
+                view = self._view
+                view.answered = now
+                view.who = view.who or who
+                for r, count in counts.items():
+                    if count == _LEFT:
+                        view.left.add(r)
+                    elif count != view.counts.get(r):
+                        view.counts[r], view.moved[r] = count, now
 
-    def _silent_ranks_message(self, store: dist.TCPStore, silent: list[int], quiet_s: float) -> str:
-        names = []
-        for r in silent:
-            try:
-                who = (
-                    store.get(self._key("who", r)).decode()
-                    if store.check([self._key("who", r)])
-                    else "not started"
+    def _judge(self) -> None:
+        """End the process when the store or a rank has been silent for peer_timeout_s."""
+        while not self._stopping.wait(self.beat_interval_s):
+            now = time.monotonic()
+            with self._lock:
+                view = self._view
+                store_quiet_s = now - view.answered
+                silent = sorted(
+                    r
+                    for r, moved in view.moved.items()
+                    if r not in view.left and now - moved > self.peer_timeout_s
                 )
-            except dist.DistError:
-                who = "unknown node"
-            names.append(f"rank {r} ({who})")
-        return (
-            f"{', '.join(names)} sent no heartbeat for {quiet_s:.0f} s "
-            f"(run.peer_timeout_s={self.peer_timeout_s:g}): frozen, hung or cut off"
-        )
+                who = dict(view.who)
+                quiet_s = now - max((view.moved[r] for r in silent), default=now)
+            if store_quiet_s > self.peer_timeout_s:  # then no rank can be judged
+                self._give_up(self._silent_store_message(store_quiet_s))
+            if silent:
+                names = ", ".join(f"rank {r} ({who.get(r, 'not started')})" for r in silent)
+                self._give_up(
+                    f"{names} sent no heartbeat for {quiet_s:.0f} s "
+                    f"(run.peer_timeout_s={self.peer_timeout_s:g}): frozen, hung or cut off"
+                )
 
     def _silent_store_message(self, quiet_s: float) -> str:
         host, port = self._address

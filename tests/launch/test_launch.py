@@ -395,48 +395,62 @@ def two_machine_training(
     )
 
 
+PEER_TIMEOUT_S = 8  # run.peer_timeout_s in the frozen-machine tests
+FROZEN_RUN = ["train.kimg=0.192", f"run.peer_timeout_s={PEER_TIMEOUT_S}"]  # 6 steps
+
+
+def freeze_one_machine(tmp_path: Path, data_url: str, frozen: int) -> tuple[int, str, str, float]:
+    """Two machines train; machine `frozen` is stopped (every process, SIGSTOP) mid-run.
+    Returns the other machine's exit code, stdout, stderr, and its seconds to exit after."""
+    # The frozen machine's trainer suspends itself right after its first snapshot (nimg 64)
+    # landed: a deterministic point mid-run. Then the test stops every other process of it.
+    failpoint = {"SG2DIST_FAILPOINT": "snapshot-done:stop"}
+    env0, env1 = two_machine_training(tmp_path, data_url, tmp_path / "run", *FROZEN_RUN)
+    (env0 if frozen == 0 else env1).update(failpoint)
+    machines = [start(env0), start(env1)]
+    stopped: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not any(is_stopped(p) for p in machine_processes(machines[frozen])):
+            for machine in machines:
+                assert machine.process.poll() is None, finish(machine)
+            assert time.monotonic() < deadline, "the trainer never reached its first snapshot"
+            time.sleep(0.2)
+        stopped = machine_processes(machines[frozen])
+        signal_all(stopped, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        code, out, err = finish(machines[1 - frozen])
+        return code, out, err, time.monotonic() - stopped_at
+    finally:  # whatever happened: no stopped or running process is left behind
+        signal_all(stopped, signal.SIGKILL)
+        for machine in machines:
+            if machine.process.poll() is None:
+                signal_all(machine_processes(machine), signal.SIGKILL)
+            machine.process.wait()
+
+
+def the_error_line(err: str) -> str:
+    (line,) = [line for line in err.splitlines() if line.startswith("sg2dist: error:")]
+    return line
+
+
 def test_a_frozen_machine_is_named_the_other_exits_75_and_both_resume_exactly(tmp_path, digits_url):
     """A node that hangs (here: every process of machine 1 stopped with SIGSTOP) must not hold
     the others for the 2-hour collective timeout: machine 0 names it and exits 75 within
     run.peer_timeout_s; restarted, both resume from the latest checkpoint and end exactly
     where an uninterrupted run ends. Restarting that finished run then trains nothing."""
-    peer_timeout_s = 8
-    length = ["train.kimg=0.192", f"run.peer_timeout_s={peer_timeout_s}"]  # 6 steps
-    # Machine 1's trainer suspends itself right after its first snapshot (nimg 64) landed:
-    # a deterministic point mid-run. Then the test stops every other process of machine 1.
-    env0, env1 = two_machine_training(
-        tmp_path, digits_url, tmp_path / "run", *length, SG2DIST_FAILPOINT="snapshot-done:stop"
-    )
-    machine0, machine1 = start(env0), start(env1)
-    frozen: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not any(is_stopped(p) for p in machine_processes(machine1)):
-            assert machine0.process.poll() is None, finish(machine0)
-            assert machine1.process.poll() is None, finish(machine1)
-            assert time.monotonic() < deadline, "machine 1 never reached its first snapshot"
-            time.sleep(0.2)
-        frozen = machine_processes(machine1)
-        signal_all(frozen, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        code0, out0, err0 = finish(machine0)
-        waited_s = time.monotonic() - stopped_at
-    finally:
-        signal_all(frozen or machine_processes(machine1), signal.SIGKILL)
-        machine1.process.wait()
-        if machine0.process.poll() is None:
-            signal_all(machine_processes(machine0), signal.SIGKILL)
-            machine0.process.wait()
+    code0, out0, err0, waited_s = freeze_one_machine(tmp_path, digits_url, frozen=1)
     assert code0 == 75, f"machine 0 exited {code0}:\n{out0[-2000:]}\n{err0[-3000:]}"
     # Within the timeout plus a generous margin for the agent's shutdown on a busy machine;
-    # without heartbeats it would wait 2 x the timeout (the collective timeout) or more.
-    assert waited_s < peer_timeout_s + 30, waited_s
-    (line,) = [line for line in err0.splitlines() if line.startswith("sg2dist: error:")]
+    # without heartbeats it would wait for the collective timeout (2 x), or 2 hours before.
+    assert waited_s < PEER_TIMEOUT_S + 30, waited_s
+    line = the_error_line(err0)
     assert line.startswith("sg2dist: error: rank 1 (node1 on "), line
-    assert "sent no heartbeat for" in line and f"(run.peer_timeout_s={peer_timeout_s})" in line
+    assert "sent no heartbeat for" in line and f"(run.peer_timeout_s={PEER_TIMEOUT_S})" in line
     assert line.endswith("rank 0 (node0) exits 75 so the job restarts every node from the latest "
                          "checkpoint")  # fmt: skip
     assert latest_progress(tmp_path / "run")["cur_nimg"] == 64
+    length = FROZEN_RUN
 
     # The Job restarts both machines: they resume from nimg 64 and finish.
     resumed = two_machines(*two_machine_training(tmp_path, digits_url, tmp_path / "run", *length))
@@ -466,3 +480,16 @@ def test_a_frozen_machine_is_named_the_other_exits_75_and_both_resume_exactly(tm
         assert "tick" not in out
     assert "already complete at kimg 0.192" in again[0][1]
     assert checkpoint_files(tmp_path / "whole") == before
+
+
+def test_a_frozen_machine_0_which_serves_the_rendezvous_store_is_named_too(tmp_path, digits_url):
+    """Machine 0's launcher serves the store the heartbeats go through: when it freezes with
+    its trainers, the store stops answering (its calls then block past their own timeout)."""
+    code1, out1, err1, waited_s = freeze_one_machine(tmp_path, digits_url, frozen=0)
+    assert code1 == 75, f"machine 1 exited {code1}:\n{out1[-2000:]}\n{err1[-3000:]}"
+    assert waited_s < PEER_TIMEOUT_S + 30, waited_s
+    line = the_error_line(err1)
+    assert line.startswith("sg2dist: error: the rendezvous store at 127.0.0.1:"), line
+    assert ", served by node0, has not answered for " in line
+    assert line.endswith("rank 1 (node1) exits 75 so the job restarts every node from the latest "
+                         "checkpoint")  # fmt: skip
