@@ -67,10 +67,11 @@ def train(session: Session) -> int:
         # last checkpoint that landed and trains these steps again, to the same result.
         if not session.is_main:
             return EXIT_RETRYABLE
+        retries = "run.storage_retry_s" + ("" if done else ", at most half the shutdown grace")
         raise TemporaryError(
-            f"stopped at kimg {kimg:g} without its checkpoint: {cfg.run.dir} stayed unreachable "
-            f"(run.storage_retry_s, at most half of the shutdown grace); the job runs again and "
-            "resumes from the latest checkpoint that was written"
+            f"{'finished' if done else 'stopped'} at kimg {kimg:g} without its checkpoint: "
+            f"{cfg.run.dir} stayed unreachable through the retries ({retries}); the job runs "
+            "again and resumes from the latest checkpoint that was written"
         )
     session.on_main(print, f"{'done' if done else 'stopped'} at kimg {kimg:g}", flush=True)
     if done or session.stop_requested:

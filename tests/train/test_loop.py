@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from mlflow import MlflowClient
 from support.s3 import SeaweedFS
 from support.tiny import TRAIN_CLI_SETS, set_args
 
@@ -241,16 +242,20 @@ def next_pause(proc: subprocess.Popen) -> bool:
 
 
 def test_s3_down_during_a_snapshot_training_goes_on_the_next_checkpoint_lands_and_resumes_exactly(
-    tmp_path, digits_url, outage_s3, monkeypatch
+    tmp_path, digits_url, outage_s3, mlflow_server, monkeypatch
 ):
     for key, value in outage_s3.env().items():
         monkeypatch.setenv(key, value)  # this process reads the checkpoints too
     run = f"{outage_s3.prefix_url()}/run"
     # Snapshots at nimg 16, 32 and 48; the trainer suspends itself just before each
-    # checkpoint write, so S3 goes away exactly while the first one is due.
+    # checkpoint write, so S3 goes away exactly while the first one is due. MLflow (its
+    # artifacts in another S3) stays up.
+    tracked = ["tracking.enabled=true", "tracking.experiment=s3-outage",
+               "tracking.system_metrics=false"]  # fmt: skip
     proc = start_train(
         tmp_path / "logs", run, digits_url, 0.048, "run.snapshot_kimg=0.016",
-        "run.storage_retry_s=2", env={"SG2DIST_FAILPOINT": "checkpoint-before-write:stop"},
+        "run.storage_retry_s=2", *tracked,
+        env={"SG2DIST_FAILPOINT": "checkpoint-before-write:stop", **mlflow_server.client_env()},
     )  # fmt: skip
     pauses = 0
     try:
@@ -278,6 +283,11 @@ def test_s3_down_during_a_snapshot_training_goes_on_the_next_checkpoint_lands_an
     assert folders == ["latest", "nimg-000000000032", "nimg-000000000048"]  # nothing half-made
     final = ckpt.find_latest(run)
     assert final.meta["progress"]["cur_nimg"] == 48 and final.meta["checkpoint_failures"] == 1
+    client = MlflowClient(mlflow_server.uri)
+    (tracked_run,) = client.search_runs([client.get_experiment_by_name("s3-outage").experiment_id])
+    assert tracked_run.data.tags["checkpoint_failures"] == "1"
+    history = client.get_metric_history(tracked_run.info.run_id, "checkpoint_failures")
+    assert [(m.step, m.value) for m in history] == [(16, 1.0)]
 
     # The checkpoint written after the outage resumes exactly.
     resumed = f"{outage_s3.prefix_url()}/resumed"
