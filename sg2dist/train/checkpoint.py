@@ -81,9 +81,9 @@ def save_checkpoint(
     """Write state.pt, then meta.json, then the `latest` pointer. Main process only.
 
     While S3 is unreachable the three writes are tried again as one, for up to `retry_s`
-    (storage.retry_unavailable); then StorageUnavailableError. A failed attempt leaves at most a
-    folder without a matching meta.json, or one that `latest` does not name yet, and
-    neither is ever read as a checkpoint.
+    (storage.retry_unavailable); then StorageUnavailableError. A failed attempt leaves at
+    most a folder without a matching meta.json, never read as a checkpoint, or a complete
+    one that `latest` does not name yet.
     """
     buffer = io.BytesIO()
     torch.save(state, buffer)
