@@ -167,6 +167,14 @@ class RunConfig:
     keep_last: int = 3  # checkpoints kept: the last N ...
     keep_every: int = 10  # ... plus every M-th snapshot (0 = none)
     grid: str = "8x8"  # sample grid layout, columns x rows
+    # A peer process that sends no heartbeat for this long (frozen, its node hung or cut off)
+    # stops the run with exit 75 so the Job restarts every node; collectives fail after
+    # twice this (at least +30 s). Shorter frees stalled GPUs sooner; longer tolerates
+    # longer stalls of a node (swapping, a slow network). See README, Run on Kubernetes.
+    peer_timeout_s: float = 300.0
+    # How long a checkpoint or grid write, and the resume at start, keep retrying an
+    # unreachable S3 before the snapshot is skipped (training goes on) or the start exits 75.
+    storage_retry_s: float = 120.0
 
     def validate(self) -> None:
         if not self.dir:
@@ -177,6 +185,13 @@ class RunConfig:
             raise ConfigError("run.tick_kimg and run.snapshot_kimg must be > 0")
         if self.keep_last < 1:
             raise ConfigError(f"run.keep_last={self.keep_last} must be >= 1")
+        if self.peer_timeout_s < 1:
+            raise ConfigError(
+                f"run.peer_timeout_s={self.peer_timeout_s:g} is too short to tell a silent peer "
+                "from a busy one; set it to at least 1 (default 300)"
+            )
+        if self.storage_retry_s < 0:
+            raise ConfigError(f"run.storage_retry_s={self.storage_retry_s:g} must be >= 0")
         parse_grid(self.grid)
 
 

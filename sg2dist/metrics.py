@@ -18,8 +18,9 @@ Work split: with world_size > 1 every rank calls it, generates and embeds the ba
 whose index i has i % world_size == rank; rank 0 gathers the Inception features
 (torch.distributed gather_object), computes the scores and broadcasts them, so every
 rank returns the same dict. With the defaults (rank 0, world size 1) one process does
-everything while the others wait at a barrier; either way the caller raises the
-process-group timeout so a long evaluation cannot trip it. Batch i always draws its
+everything. Scoring on rank 0 can take minutes: a caller that keeps a short collective
+timeout passes `scores_on_every_rank=False`, so the other ranks return {} right after
+their share and wait for rank 0 some other way (the trainer: in the store). Batch i always draws its
 latents from seed i: scores do not depend on the world size. All of it runs on a forked
 RNG, so the caller's RNG state is left as it was (exact resume).
 
@@ -515,11 +516,13 @@ def compute_metrics(
     batch: int = 64,
     rank: int = 0,
     world_size: int = 1,
+    scores_on_every_rank: bool = True,
 ) -> dict[str, float]:
     """Scores of G_ema against the dataset at `data_url`, e.g. {'fid50k': 3.1}; the same
-    dict on every rank. `num_gen` overrides the generated image (PPL: sample) count of every
-    metric. PPL alone needs no dataset (`data_url` may be ""). With world_size > 1 every
-    rank must call it (torch.distributed collectives)."""
+    dict on every rank (rank 0 only, {} elsewhere, with scores_on_every_rank=False).
+    `num_gen` overrides the generated image (PPL: sample) count of every metric. PPL alone
+    needs no dataset (`data_url` may be ""). With world_size > 1 every rank must call it
+    (torch.distributed collectives)."""
     device = torch.device(device)
     specs = [parse_metric(name) for name in metrics]
     if num_gen is not None:
@@ -540,7 +543,7 @@ def compute_metrics(
             lpips = load_lpips(lpips_weights, device)
             for spec in path_lengths:
                 scores.update(_ppl_score(G_ema, spec, lpips, batch, rank, world_size))
-    return _broadcast(scores, world_size)
+    return _broadcast(scores, world_size) if scores_on_every_rank else scores
 
 
 def _fidelity_scores(

@@ -9,8 +9,11 @@ downloaded once into a local cache by `fetch_cached` and read from there.
 S3 settings follow the standard AWS variables: the endpoint comes from
 `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`), credentials from the usual chain
 (environment, profile, IRSA), the retry budget from `AWS_MAX_ATTEMPTS`. Failures a
-user can fix (missing object or bucket, refused credentials, unreachable endpoint)
-become one `UserError` line naming the URL; secret values never appear in it.
+user can fix (missing object or bucket, refused credentials) become one `UserError`
+line naming the URL; secret values never appear in it. An endpoint that does not answer
+or answers 5xx raises `StorageUnavailableError`, a `TemporaryError`: an outage that waiting
+may end, so callers can retry it (`retry_unavailable`) and a command that gives up exits
+with the retryable code instead of failing its Job for good.
 
 Functions that talk to S3 accept an optional `client=`; without one they use
 `s3_client()`, which keeps one client per process and environment.
@@ -29,10 +32,11 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
@@ -41,7 +45,7 @@ import botocore.exceptions
 from botocore.config import Config
 from tqdm import tqdm
 
-from sg2dist.errors import UserError
+from sg2dist.errors import TemporaryError, UserError
 
 S3_PREFIX = "s3://"
 DEFAULT_MAX_ATTEMPTS = 10
@@ -49,6 +53,18 @@ DEFAULT_MAX_ATTEMPTS = 10
 # re-requests the object this many times before giving up.
 BODY_READ_ATTEMPTS = 3
 READ_BUFFER_BYTES = 1 << 20
+# retry_unavailable: the first pause after a failed attempt, doubled after each one up to the
+# longest pause. The total is bounded by the caller's budget (run.storage_retry_s).
+RETRY_FIRST_DELAY_S = 1.0
+RETRY_MAX_DELAY_S = 30.0
+
+T = TypeVar("T")
+
+
+class StorageUnavailableError(TemporaryError):
+    """The S3 endpoint did not answer, or answered with a server error (5xx): an outage,
+    not a mistake in the URL or the keys. Retrying later may succeed."""
+
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _REFUSED_CODES = {
@@ -192,7 +208,7 @@ def _translate(exc: Exception, url: str, client: Any) -> UserError | None:
                 "AWS_SECRET_ACCESS_KEY (or the profile / role) and the bucket's permissions"
             )
         if code in _SERVER_TROUBLE_CODES:
-            return UserError(
+            return StorageUnavailableError(
                 f"S3 endpoint {endpoint} could not serve {url} ({code}, after {_max_attempts()} "
                 "attempts); check the server's health, or raise AWS_MAX_ATTEMPTS"
             )
@@ -207,7 +223,7 @@ def _translate(exc: Exception, url: str, client: Any) -> UserError | None:
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a pod role)"
         )
     if isinstance(exc, _UNREACHABLE_ERRORS):
-        return UserError(
+        return StorageUnavailableError(
             f"cannot reach S3 endpoint {endpoint} for {url} (after {_max_attempts()} attempts); "
             "check AWS_ENDPOINT_URL_S3 and that the server is up"
         )
@@ -232,6 +248,40 @@ def _s3_errors(url: str, client: Any) -> Iterator[None]:
 
 def _missing_local(url: str) -> UserError:
     return UserError(f"{url} does not exist; check the path")
+
+
+def retry_unavailable(fn: Callable[[], T], *, what: str, budget_s: float) -> T:
+    """`fn()`, tried again while it raises StorageUnavailableError, until `budget_s` is spent.
+
+    For work that must survive a short object-storage outage (a checkpoint, the resume at
+    start). Pauses double from RETRY_FIRST_DELAY_S up to RETRY_MAX_DELAY_S; one line per
+    failed attempt says what failed and when the next try comes. Every attempt is itself
+    boto3's AWS_MAX_ATTEMPTS requests, so the whole takes at most `budget_s` plus one
+    attempt. The last failure is raised as one StorageUnavailableError line naming `what`.
+    Other errors (refused keys, a missing bucket) are raised at once: waiting cannot fix them.
+    """
+    started = time.monotonic()
+    delay_s = RETRY_FIRST_DELAY_S
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except StorageUnavailableError as exc:
+            elapsed_s = time.monotonic() - started
+            again = elapsed_s + delay_s <= budget_s
+            print(
+                f"[storage] {what} failed (attempt {attempt}): {exc}; "
+                + (f"retrying in {delay_s:g} s" if again else "giving up"),
+                file=sys.stderr,
+                flush=True,
+            )
+            if not again:
+                raise StorageUnavailableError(
+                    f"{what} failed {attempt} time(s) over {elapsed_s:.0f} s: {exc}"
+                ) from None
+        time.sleep(delay_s)
+        delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
+        attempt += 1
 
 
 # ---------------------------------------------------------------------------- queries
@@ -307,7 +357,7 @@ def read_bytes(url: str, *, client: Any = None) -> bytes:
             return body.read()
         except STREAM_ERRORS:
             if attempt == BODY_READ_ATTEMPTS:
-                raise UserError(
+                raise StorageUnavailableError(
                     f"reading {url} broke off {BODY_READ_ATTEMPTS} times; "
                     "check the S3 endpoint's health and retry"
                 ) from None

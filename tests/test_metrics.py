@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from support.datasets import METRICS_RESOLUTION as RESOLUTION
 from support.datasets import copy_of
 from support.lpips import lpips_by_definition
+from support.ports import free_port
 from support.tiny import tiny_model_config
 from torch import nn
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
@@ -151,18 +151,12 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_ranks_split_the_work_and_get_the_single_process_scores(
     metrics_dataset: str, inception_weights: str, lpips_weights: str, tmp_path: Path
 ) -> None:
     split_data = copy_of(metrics_dataset, tmp_path / "split")
     (tmp_path / "worker.py").write_text(WORKER)
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     model_json = json.dumps(dataclasses.asdict(TINY_G))
     workers = [
         subprocess.Popen(

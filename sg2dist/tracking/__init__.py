@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from sg2dist.config import Config
 
 
+GENERATOR_TAG = "generator_model_uri"  # the run tag naming the final G_ema model
+
+
 class NullTracker:
     """The tracker interface, doing nothing. Keeps the run id of a checkpoint written
     without tracking, so a later tracked resume can continue that MLflow run."""
@@ -48,6 +51,11 @@ class NullTracker:
 
     def log_file(self, local_path: str, artifact_folder: str) -> str:
         """One file as a run artifact; returns its `runs:/` URI, "" when nothing was logged."""
+        return ""
+
+    def logged_generator_uri(self) -> str:
+        """The URI of the generator model this run logged already ("" if none), so that a run
+        restarted after it finished does not log it twice."""
         return ""
 
     def end(self, status: str = "FINISHED") -> None:

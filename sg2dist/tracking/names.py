@@ -25,6 +25,7 @@ TICK_METRIC_NAMES: dict[str, str] = {
     "kimg": "progress/kimg",
     "tick": "progress/tick",
     "skipped_steps": "progress/skipped_steps",
+    "checkpoint_failures": "progress/checkpoint_failures",  # snapshots S3 did not take
     "sec_per_kimg": "speed/sec_per_kimg",
     "img_per_s": "speed/img_per_s",
     "data_wait_frac": "data/wait_frac",

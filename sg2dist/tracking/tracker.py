@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
@@ -47,8 +47,8 @@ from mlflow.tracking import MlflowClient
 from sg2dist import storage
 from sg2dist.config import Config
 from sg2dist.errors import UserError
-from sg2dist.tracking import NullTracker
-from sg2dist.tracking.generator_model import log_generator_model
+from sg2dist.tracking import GENERATOR_TAG, NullTracker
+from sg2dist.tracking.generator_model import GENERATOR_MODEL_NAME, log_generator_model
 from sg2dist.tracking.names import mlflow_metric_name, score_metric_name
 from sg2dist.tracking.redact import flatten_config, redact, redact_text
 
@@ -368,6 +368,30 @@ class Tracker(NullTracker):
         if outcome != SENT:
             return ""
         return f"runs:/{self.run_id}/{artifact_folder}/{Path(local_path).name}"
+
+    def logged_generator_uri(self) -> str:
+        """The run's `generator_model_uri` tag, else the URI of a complete (READY) generator
+        model logged by this run: a run killed after the upload but before the tag, then
+        restarted, must set the tag, not upload a second model. "" when there is none, or
+        when MLflow does not answer (then the model is logged again, which is harmless)."""
+        found: list[str] = []
+
+        def find_generator_model() -> None:
+            run = self._client.get_run(self.run_id)
+            if run.data.tags.get(GENERATOR_TAG):
+                found.append(run.data.tags[GENERATOR_TAG])
+                return
+            models = self._client.search_logged_models(
+                [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}'"
+            )
+            found.extend(
+                m.model_uri
+                for m in models
+                if m.name == GENERATOR_MODEL_NAME and m.status == LoggedModelStatus.READY
+            )
+
+        self._call(find_generator_model)
+        return found[0] if found else ""
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush, stop system metrics, mark the run FINISHED / FAILED / KILLED."""

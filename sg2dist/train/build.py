@@ -23,7 +23,7 @@ from accelerate.utils import (
 )
 
 from sg2dist import __version__, storage
-from sg2dist.config import Config, dump_config
+from sg2dist.config import Config, RunConfig, dump_config
 from sg2dist.data import (
     Manifest,
     StreamLoader,
@@ -38,6 +38,7 @@ from sg2dist.model.layers import use_conv_layout_
 from sg2dist.tracking import NullTracker, start_tracker
 from sg2dist.train import checkpoint as ckpt
 from sg2dist.train.loss import lazy_adam_hparams
+from sg2dist.train.peers import Peers, collective_timeout_s, nccl_environment
 from sg2dist.train.step import Nets, StepContext, StepState, phase_table
 
 
@@ -56,7 +57,10 @@ class Session:
     loader: StreamLoader  # this rank's batches; loader.state is what the loop consumed
     manifest: Manifest
     tracker: NullTracker
+    peers: Peers  # heartbeats, and the store waits for rank 0's long work (peers.py)
     stop_requested: bool = False  # set by a signal handler on this rank
+    stop_deadline: float | None = None  # time.monotonic() by which a stop checkpoint must land
+    checkpoint_failures: int = 0  # snapshots whose checkpoint could not be written (S3 down)
     data_wait_s: float = 0.0  # seconds spent waiting for batches since the last tick
 
     @property
@@ -71,14 +75,20 @@ class Session:
 def build_session(cfg: Config, *, resume: str, init_from: ckpt.Checkpoint | None = None) -> Session:
     """`init_from`: the --init-from checkpoint (or imported pickle), already read, whose model
     config `cfg.model` was taken from (config.load_config(model_from=...))."""
-    accelerator = make_accelerator(cfg.train.precision)
+    accelerator = make_accelerator(cfg.train.precision, cfg.run.peer_timeout_s)
+    peers = Peers(
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        peer_timeout_s=cfg.run.peer_timeout_s,
+    )
+    peers.start()  # from here on, a rank that freezes is named within run.peer_timeout_s
     batch_gpu, accum = cfg.train.batch_layout(accelerator.num_processes)
     manifest = resolve_dataset(cfg, accelerator)
     nets = build_nets(cfg, accelerator)
     ctx = build_step_context(cfg, accelerator)
     progress = ckpt.Progress(next_snapshot_nimg=snapshot_nimg(cfg))
     step_state = StepState()
-    checkpoint = find_resume_checkpoint(cfg, resume)
+    checkpoint = find_checkpoint_retrying(cfg, resume)
     data_state, run_id = None, None
     if checkpoint is not None:
         data_state = ckpt.restore_training(
@@ -126,12 +136,16 @@ def build_session(cfg: Config, *, resume: str, init_from: ckpt.Checkpoint | None
         loader=loader,
         manifest=manifest,
         tracker=build_tracker(cfg, accelerator, run_id, manifest),
+        peers=peers,
+        checkpoint_failures=int(checkpoint.meta.get("checkpoint_failures", 0)) if checkpoint else 0,
     )
     session.on_main(storage.write_text, storage.join(cfg.run.dir, "config.yaml"), dump_config(cfg))
     return session
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(
+    precision: str, peer_timeout_s: float = RunConfig.peer_timeout_s
+) -> Accelerator:
     use_cuda = torch.cuda.is_available()
     if precision == "auto":
         precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
@@ -144,9 +158,13 @@ def make_accelerator(precision: str) -> Accelerator:
     handlers = [
         # w_avg and noise buffers are not trained; broadcasting them every forward only costs time.
         DistributedDataParallelKwargs(broadcast_buffers=False),
-        # Rank 0 alone computes metrics and writes checkpoints while the others wait.
-        InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2)),
+        # Short: rank 0's long work is waited for in the store, not in collectives (peers.py).
+        InitProcessGroupKwargs(
+            timeout=datetime.timedelta(seconds=collective_timeout_s(peer_timeout_s))
+        ),
     ]
+    for key, value in nccl_environment(peer_timeout_s).items():
+        os.environ.setdefault(key, value)  # read when the process group starts; user's win
     return Accelerator(mixed_precision=precision, cpu=not use_cuda, kwargs_handlers=handlers)
 
 
@@ -242,6 +260,21 @@ def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
         scaler=accelerator.scaler,
         mbstd_group=cfg.model.mbstd_group,
     )
+
+
+def find_checkpoint_retrying(cfg: Config, resume: str) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume from. An S3 outage at start must neither fail the Job for good
+    (exit 2) nor start over an existing run: retry, then exit with the retryable code."""
+    try:
+        return storage.retry_unavailable(
+            lambda: find_resume_checkpoint(cfg, resume),
+            what=f"reading the checkpoints of {cfg.run.dir}",
+            budget_s=cfg.run.storage_retry_s,
+        )
+    except storage.StorageUnavailableError as exc:
+        raise storage.StorageUnavailableError(
+            f"{exc}; nothing was started: exit 75, so the job tries again"
+        ) from None
 
 
 def find_resume_checkpoint(cfg: Config, resume: str) -> ckpt.Checkpoint | None:

@@ -81,9 +81,15 @@ def folder_name(cur_nimg: int) -> str:
 
 
 def save_checkpoint(
-    run_dir: str, cur_nimg: int, state: dict[str, Any], meta: dict[str, Any]
+    run_dir: str, cur_nimg: int, state: dict[str, Any], meta: dict[str, Any], *, retry_s: float = 0
 ) -> str:
-    """Write state.pt, then meta.json, then the `latest` pointer. Main process only."""
+    """Write state.pt, then meta.json, then the `latest` pointer. Main process only.
+
+    While S3 is unreachable the three writes are tried again as one, for up to `retry_s`
+    (storage.retry_unavailable); then StorageUnavailableError. A failed attempt leaves at
+    most a folder without a matching meta.json, never read as a checkpoint, or a complete
+    one that `latest` does not name yet.
+    """
     buffer = io.BytesIO()
     torch.save(state, buffer)
     state_bytes = buffer.getvalue()
@@ -93,21 +99,32 @@ def save_checkpoint(
         state_sha256=hashlib.sha256(state_bytes).hexdigest(),
         state_bytes=len(state_bytes),
     )
-    storage.write_bytes(storage.join(folder, STATE_FILE), state_bytes)
-    _failpoint("checkpoint-after-state")
-    storage.write_text(storage.join(folder, META_FILE), json.dumps(meta, indent=1, sort_keys=True))
-    storage.write_text(storage.join(checkpoints_url(run_dir), POINTER_FILE), folder_name(cur_nimg))
+    meta_text = json.dumps(meta, indent=1, sort_keys=True)
+
+    def write_folder() -> None:
+        storage.write_bytes(storage.join(folder, STATE_FILE), state_bytes)
+        failpoint("checkpoint-after-state")
+        storage.write_text(storage.join(folder, META_FILE), meta_text)
+        storage.write_text(
+            storage.join(checkpoints_url(run_dir), POINTER_FILE), folder_name(cur_nimg)
+        )
+
+    failpoint("checkpoint-before-write")
+    storage.retry_unavailable(write_folder, what=f"writing checkpoint {folder}", budget_s=retry_s)
     return folder
 
 
-def _failpoint(name: str) -> None:
-    """SIGKILL this process here when SG2DIST_FAILPOINT names this point.
+def failpoint(name: str) -> None:
+    """Stop this process here when SG2DIST_FAILPOINT names this point.
 
-    Crash tests use it to die exactly between two writes of a checkpoint, which a
-    timed `kill -9` would hit only by luck.
+    `SG2DIST_FAILPOINT=NAME` kills it (SIGKILL); `NAME:stop` suspends it (SIGSTOP) until a
+    SIGCONT, every time it passes. Fault tests use it to die exactly between two writes, or
+    to take S3 away exactly while a checkpoint is due, which a timed signal would hit only
+    by luck.
     """
-    if os.environ.get("SG2DIST_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    wanted, _, action = os.environ.get("SG2DIST_FAILPOINT", "").partition(":")
+    if wanted == name:
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
 def _read_verified(folder: str) -> Checkpoint | None:
@@ -249,6 +266,7 @@ def training_contents(
     rng_cpu: list[torch.Tensor],
     data_states: list[dict[str, Any]],
     mlflow_run_id: str | None,
+    checkpoint_failures: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a training checkpoint. `rng_cpu` and `data_states` hold one entry
     per rank, gathered by the caller."""
@@ -270,6 +288,7 @@ def training_contents(
         "world_size": len(rng_cpu),
         "data_states": data_states,
         "mlflow_run_id": mlflow_run_id,
+        "checkpoint_failures": checkpoint_failures,  # absent in older checkpoints: 0
         "config": cfg.to_dict(),
     }
     return state, meta

@@ -1,7 +1,8 @@
 """A short training run logs to a real MLflow server; a resume continues the same MLflow run."""
 
+import hashlib
 import os
-import socket
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from support.ports import free_port
 from support.tiny import TRAIN_TRACKING_SETS, set_args
+
+from sg2dist.tracking import GENERATOR_TAG
+from sg2dist.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str):
+def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str, expect: int = 0):
     sets = [
         *TRAIN_TRACKING_SETS,
         f"run.dir={run_dir}",
@@ -33,8 +38,18 @@ def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str):
         text=True,
         timeout=400,
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
+
+
+def checkpoint_files(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file under checkpoints/: equal dicts mean byte-identical checkpoints."""
+    root = run_dir / "checkpoints"
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_run(
@@ -107,9 +122,7 @@ def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_
 def test_two_node_run_logs_system_metrics_of_every_node_into_one_run(
     tmp_path, mlflow_server, digits_url
 ):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",
@@ -155,3 +168,39 @@ def test_two_node_run_logs_system_metrics_of_every_node_into_one_run(
     assert any(k.startswith("system/node0/") for k in keys), sorted(keys)
     assert any(k.startswith("system/node1/") for k in keys), sorted(keys)
     assert run.data.tags["world_size"] == "2"
+
+
+def test_a_run_killed_while_logging_its_final_model_restarted_logs_it_once_and_trains_nothing(
+    tmp_path, mlflow_server, digits_url
+):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **mlflow_server.client_env())
+    run_dir = tmp_path / "run"
+    sets = ["tracking.experiment=finished-run", "tracking.system_metrics=false"]
+    # Trains to the end, checkpoints, uploads G_ema, then dies (SIGKILL) before the model's
+    # tag is set: a pod killed during the final model logging.
+    killed = dict(env, SG2DIST_FAILPOINT="final-model-logged")
+    train(str(run_dir), digits_url, 0.032, killed, *sets, expect=-signal.SIGKILL)
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("finished-run")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert GENERATOR_TAG not in run.data.tags
+
+    def generator_models() -> list:
+        return list(
+            client.search_logged_models(
+                [experiment.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+            )
+        )
+
+    (uploaded,) = generator_models()
+    before = checkpoint_files(run_dir)
+    assert ckpt.find_latest(str(run_dir)).meta["progress"]["cur_nimg"] == 32
+
+    result = train(str(run_dir), digits_url, 0.032, env, *sets)  # the replacement pod
+    assert "already complete at kimg 0.032" in result.stdout
+    assert "tick" not in result.stdout  # no step
+    assert checkpoint_files(run_dir) == before  # byte for byte
+    assert [m.model_id for m in generator_models()] == [uploaded.model_id]  # logged once
+    finished = client.get_run(run.info.run_id)
+    assert finished.data.tags[GENERATOR_TAG] == uploaded.model_uri
+    assert finished.info.status == "FINISHED"
