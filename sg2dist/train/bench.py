@@ -114,7 +114,7 @@ def run_step_bench(
         nets.G_ddp = cast(torch.nn.Module, torch.compile(nets.G_ddp))
         nets.D_ddp = cast(torch.nn.Module, torch.compile(nets.D_ddp))
     ctx = build_step_context(cfg, acc)
-    state = StepState()
+    state = StepState.on(acc.device)
     batch = settings.batch
     shape = (batch, settings.channels, settings.resolution, settings.resolution)
     reals = [

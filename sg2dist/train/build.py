@@ -87,7 +87,7 @@ def build_session(cfg: Config, *, resume: str, init_from: ckpt.Checkpoint | None
     nets = build_nets(cfg, accelerator)
     ctx = build_step_context(cfg, accelerator)
     progress = ckpt.Progress(next_snapshot_nimg=snapshot_nimg(cfg))
-    step_state = StepState()
+    step_state = StepState.on(accelerator.device)
     checkpoint = find_checkpoint_retrying(cfg, resume)
     data_state, run_id = None, None
     if checkpoint is not None:

@@ -283,8 +283,8 @@ def training_contents(
         "format": FORMAT,
         "sg2dist_version": __version__,
         "progress": dataclasses.asdict(progress),
-        "pl_mean": step_state.pl_mean,
-        "skipped_steps": step_state.skipped_steps,
+        "pl_mean": float(step_state.pl_mean),
+        "skipped_steps": int(step_state.skipped_steps),
         "world_size": len(rng_cpu),
         "data_states": data_states,
         "mlflow_run_id": mlflow_run_id,
@@ -335,8 +335,8 @@ def restore_training(
         scaler.load_state_dict(state["scaler"])
     for key in dataclasses.asdict(progress):
         setattr(progress, key, int(meta["progress"][key]))
-    step_state.pl_mean = float(meta["pl_mean"])
-    step_state.skipped_steps = int(meta["skipped_steps"])
+    step_state.pl_mean.fill_(float(meta["pl_mean"]))
+    step_state.skipped_steps.fill_(int(meta["skipped_steps"]))
     if meta["world_size"] != world_size:
         return None
     torch.set_rng_state(state["rng_cpu"][rank])

@@ -39,6 +39,10 @@ class NonFiniteError(UserError):
 # not 2, which the Job treats as a fatal configuration error. (EX_TEMPFAIL from sysexits.h.)
 EXIT_STOPPED_BY_PEER = EXIT_RETRYABLE
 
+# The host reads device state (the non-finite streak, the stop flag of all ranks) only every
+# this many steps: each read waits for the GPU to finish the work queued before it.
+HOST_CHECK_STEPS = 4
+
 TickMetrics = dict[str, float]
 
 
@@ -159,8 +163,12 @@ def advance_counters(session: Session) -> None:
 
 
 def check_nonfinite(session: Session) -> None:
+    """Every HOST_CHECK_STEPS steps: stop after train.max_nonfinite_steps skipped in a row
+    (a run may skip up to HOST_CHECK_STEPS - 1 more before it notices; they change nothing)."""
+    if session.progress.step % HOST_CHECK_STEPS != 0:
+        return
     limit = session.cfg.train.max_nonfinite_steps
-    if session.step_state.nonfinite_in_row >= limit:
+    if int(session.step_state.nonfinite_in_row) >= limit:  # sync point
         # Skipped steps changed no weights: this checkpoint is the last good state.
         saved = "is checkpointed" if save(session) else "could not be checkpointed (S3 away)"
         raise NonFiniteError(
@@ -194,9 +202,13 @@ def stop_write_budget_s(cfg: Config) -> float:
 
 
 def sync_stop_flag(session: Session) -> bool:
-    """Any rank's stop request stops all ranks at the same step (one tiny all-reduce)."""
+    """Any rank's stop request stops all ranks at the same step: one tiny all-reduce every
+    HOST_CHECK_STEPS steps (a signal waits at most that many steps)."""
     if session.accelerator.num_processes == 1:
         return session.stop_requested
+    if session.progress.step % HOST_CHECK_STEPS != 0:
+        return False
+    # Sync point: the flag is read on the host.
     flag = torch.tensor([float(session.stop_requested)], device=session.accelerator.device)
     return bool(session.accelerator.reduce(flag, reduction="sum").item() > 0)
 
@@ -213,8 +225,8 @@ def report_tick(session: Session, tick_seconds: float, bar: tqdm) -> None:
         tick=p.cur_tick,
         sec_per_kimg=tick_seconds / (tick_nimg / 1000),
         img_per_s=tick_nimg / max(tick_seconds, 1e-9),
-        pl_mean=session.step_state.pl_mean,
-        skipped_steps=session.step_state.skipped_steps,
+        pl_mean=float(session.step_state.pl_mean),
+        skipped_steps=int(session.step_state.skipped_steps),
         data_wait_frac=session.data_wait_s / max(tick_seconds, 1e-9),
         corrupt_samples=session.loader.state.corrupt_samples,
         **peak_memory_gb(session.accelerator.device),

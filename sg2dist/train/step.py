@@ -103,12 +103,23 @@ class StepContext:
 
 @dataclass
 class StepState:
-    """What one step hands to the next. pl_mean and skipped_steps are checkpointed; a
-    resumed run starts a fresh streak of non-finite steps."""
+    """What one step hands to the next, kept on the training device: a step never reads a
+    device value on the host, which would stall the queue of GPU work behind it (a sync).
+    The loop reads them at ticks, snapshots and every few steps. pl_mean and skipped_steps
+    are checkpointed; a resumed run starts a fresh streak of non-finite steps."""
 
-    pl_mean: float = 0.0  # running mean of path lengths
-    skipped_steps: int = 0  # steps skipped for non-finite gradients, in all
-    nonfinite_in_row: int = 0  # ... and in a row, up to the last step
+    pl_mean: torch.Tensor  # float64 scalar: running mean of path lengths
+    skipped_steps: torch.Tensor  # int64 scalar: steps skipped for non-finite gradients, in all
+    nonfinite_in_row: torch.Tensor  # int64 scalar: ... and in a row, up to the last step
+
+    @classmethod
+    def on(cls, device: torch.device | str) -> StepState:
+        # float64: the running mean has the precision of the Python float it replaced.
+        return cls(
+            pl_mean=torch.zeros((), dtype=torch.float64, device=device),
+            skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
+            nonfinite_in_row=torch.zeros((), dtype=torch.int64, device=device),
+        )
 
 
 def _scale_fn(ctx: StepContext):
@@ -116,7 +127,14 @@ def _scale_fn(ctx: StepContext):
 
 
 def _phase_passes(
-    ctx: StepContext, nets: Nets, phase: Phase, pl_mean: float, real_img, real_c, gen_z, gen_c
+    ctx: StepContext,
+    nets: Nets,
+    phase: Phase,
+    pl_mean: torch.Tensor,
+    real_img,
+    real_c,
+    gen_z,
+    gen_c,
 ):
     """The (forward -> loss) closures of one phase for one micro-batch; one backward each."""
     t = ctx.train
@@ -165,19 +183,20 @@ def _set_trained(opt: torch.optim.Optimizer, requires_grad: bool) -> None:
             param.requires_grad_(requires_grad)
 
 
-def _grads_finite(module: torch.nn.Module) -> bool:
+def _nonfinite_grads(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """A bool device scalar: does any gradient of `module` hold inf or nan? No host sync."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return True
+        return torch.zeros((), dtype=torch.bool, device=device)
     # One fused norm per tensor; inf or nan anywhere makes its norm non-finite.
-    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    return ~torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
 
 def _run_phase(
     ctx: StepContext,
     nets: Nets,
     phase: Phase,
-    pl_mean: float,
+    pl_mean: torch.Tensor,
     step: int,
     phase_idx: int,
     micro_batches,
@@ -210,22 +229,34 @@ def _run_phase(
     return opt, phase_stats
 
 
-def _step_optimizer(ctx: StepContext, nets: Nets, opt, is_G: bool) -> bool:
-    """Step unless gradients are non-finite; True if the step was taken."""
+def _step_optimizer(
+    ctx: StepContext, nets: Nets, opt, is_G: bool, device: torch.device
+) -> torch.Tensor:
+    """Step unless gradients are non-finite; a bool device scalar, True if skipped."""
     if ctx.scaler is not None:
-        # fp16: the shared GradScaler detects inf/nan, skips the step and lowers its scale.
+        # fp16: the shared GradScaler detects inf/nan, skips the step and lowers its scale
+        # (accelerate reads the outcome on the host: fp16 keeps that sync).
         opt.step()
-        return not getattr(opt, "step_was_skipped", False)
-    if not _grads_finite(nets.G_net if is_G else nets.D_net):
-        opt.zero_grad(set_to_none=True)
-        return False
-    opt.step()
-    return True
+        return torch.tensor(bool(getattr(opt, "step_was_skipped", False)), device=device)
+    skipped = _nonfinite_grads(nets.G_net if is_G else nets.D_net, device)
+    # Fused Adam takes the GradScaler's `found_inf` protocol: with found_inf = 1 it leaves
+    # parameters, moments and step counts as they were, decided on the device, where a
+    # host-side `if` would wait for the gradients (a sync) in every phase.
+    inner = getattr(opt, "optimizer", opt)  # under accelerate's AcceleratedOptimizer
+    if not getattr(inner, "_step_supports_amp_scaling", False):
+        raise TypeError(f"{type(inner).__name__} cannot skip a step on the device; use fused Adam")
+    inner.found_inf, inner.grad_scale = skipped.float(), None
+    try:
+        opt.step()
+    finally:
+        del inner.found_inf, inner.grad_scale
+    return skipped
 
 
 def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_batches) -> None:
     """Run every phase due at `step` on `micro_batches` [(real_img float NCHW, real_c)]."""
-    any_skipped = False
+    device = state.skipped_steps.device
+    any_skipped = torch.zeros((), dtype=torch.bool, device=device)
     for phase_idx, phase in enumerate(ctx.phases):
         if step % phase.interval != 0:
             continue
@@ -236,16 +267,14 @@ def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_
             if phase.name == "Greg":
                 # One pl_mean update per phase from the global batch: independent of the layout.
                 global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
-                state.pl_mean = L.update_pl_mean(
-                    state.pl_mean, float(global_length), ctx.train.pl_decay
-                )
+                state.pl_mean = L.update_pl_mean(state.pl_mean, global_length, ctx.train.pl_decay)
         with ctx.phase_timer(f"opt_{phase.net}"):
-            any_skipped |= not _step_optimizer(ctx, nets, opt, is_G=phase.net == "G")
+            any_skipped |= _step_optimizer(ctx, nets, opt, phase.net == "G", device)
         # Stats stay local tensors until the tick: no device sync per phase.
         for key, values in phase_stats.items():
             ctx.stats[key].append(torch.stack(values).mean())
-    state.nonfinite_in_row = state.nonfinite_in_row + 1 if any_skipped else 0
-    state.skipped_steps += int(any_skipped)
+    state.nonfinite_in_row = (state.nonfinite_in_row + 1) * any_skipped
+    state.skipped_steps = state.skipped_steps + any_skipped
     _set_trained(nets.G_opt, False)
     _set_trained(nets.D_opt, False)
 

@@ -51,7 +51,7 @@ def main() -> None:
     nets = build_nets(cfg, acc)
     D_init = {name: p.detach().clone() for name, p in nets.D_net.named_parameters()}
     ctx = build_step_context(cfg, acc)
-    state = StepState()
+    state = StepState.on(acc.device)
     data = torch.Generator().manual_seed(1234)
     reals = torch.rand(steps * batch, 3, 16, 16, generator=data) * 2 - 1
     for step in range(steps):
@@ -81,7 +81,7 @@ def main() -> None:
                 "G": params(nets.G_net),
                 "D": params(nets.D_net),
                 "G_ema": params(nets.G_ema),
-                "pl_mean": state.pl_mean,
+                "pl_mean": float(state.pl_mean),
                 "D_init": D_init,
                 "D_trained": [n for n, p in nets.D_net.named_parameters() if id(p) in trained],
                 # How many tensors DDP's reducer all-reduces (None on one process: no DDP).

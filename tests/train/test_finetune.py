@@ -195,7 +195,7 @@ def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
         nets=nets,
         scaler=None,
         progress=ckpt.Progress(step=3),
-        step_state=StepState(),
+        step_state=StepState.on("cpu"),
         cfg=cfg,
         rng_cpu=[torch.get_rng_state()],
         data_states=[{"position": 1}],
@@ -212,7 +212,7 @@ def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
             nets=nets,
             scaler=None,
             progress=progress,
-            step_state=StepState(),
+            step_state=StepState.on("cpu"),
             rank=0,
             world_size=1,
         )
