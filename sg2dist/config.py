@@ -55,6 +55,7 @@ class ModelConfig:
     c_dim: int = 0  # number of classes; 0 = unconditional. Set from the dataset labels.
     map_layers: int = 8
     map_lr_mult: float = 0.01
+    w_avg_beta: float = 0.995  # decay of the tracked mean of w (truncation centre)
     channel_base: int = 32768
     channel_max: int = 512
     mbstd_group: int = 4
@@ -80,6 +81,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 1")
         if self.c_dim < 0:
             raise ConfigError(f"model.c_dim={self.c_dim} must be >= 0 (0 = unconditional)")
+        if not 0.0 <= self.w_avg_beta <= 1.0:
+            raise ConfigError(f"model.w_avg_beta={self.w_avg_beta} must be in [0, 1], e.g. 0.995")
 
 
 @dataclass
@@ -118,6 +121,7 @@ class TrainConfig:
     ema_kimg: float = 10.0  # G_ema half-life in kimg
     ema_rampup: float | None = None  # e.g. 0.05: half-life <= rampup x cur_nimg
     max_nonfinite_steps: int = 10  # stop after this many skipped steps in a row
+    freeze_d: int = 0  # Freeze-D: D's first N layers from the top resolution are not trained
 
     def validate(self) -> None:
         if self.precision not in ("auto", "no", "bf16", "fp16"):
@@ -139,6 +143,8 @@ class TrainConfig:
             )
         if self.max_nonfinite_steps < 1:
             raise ConfigError("train.max_nonfinite_steps must be >= 1")
+        if self.freeze_d < 0:
+            raise ConfigError(f"train.freeze_d={self.freeze_d} must be >= 0 (0 = train all of D)")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(batch_gpu, accumulation steps) for `world_size` processes, or a ConfigError."""
@@ -161,6 +167,14 @@ class RunConfig:
     keep_last: int = 3  # checkpoints kept: the last N ...
     keep_every: int = 10  # ... plus every M-th snapshot (0 = none)
     grid: str = "8x8"  # sample grid layout, columns x rows
+    # A peer process that sends no heartbeat for this long (frozen, its node hung or cut off)
+    # stops the run with exit 75 so the Job restarts every node; collectives fail after
+    # twice this (at least +30 s). Shorter frees stalled GPUs sooner; longer tolerates
+    # longer stalls of a node (swapping, a slow network). See README, Run on Kubernetes.
+    peer_timeout_s: float = 300.0
+    # How long a checkpoint or grid write, and the resume at start, keep retrying an
+    # unreachable S3 before the snapshot is skipped (training goes on) or the start exits 75.
+    storage_retry_s: float = 120.0
 
     def validate(self) -> None:
         if not self.dir:
@@ -171,6 +185,13 @@ class RunConfig:
             raise ConfigError("run.tick_kimg and run.snapshot_kimg must be > 0")
         if self.keep_last < 1:
             raise ConfigError(f"run.keep_last={self.keep_last} must be >= 1")
+        if self.peer_timeout_s < 1:
+            raise ConfigError(
+                f"run.peer_timeout_s={self.peer_timeout_s:g} is too short to tell a silent peer "
+                "from a busy one; set it to at least 1 (default 300)"
+            )
+        if self.storage_retry_s < 0:
+            raise ConfigError(f"run.storage_retry_s={self.storage_retry_s:g} must be >= 0")
         parse_grid(self.grid)
 
 
@@ -189,6 +210,7 @@ class MetricsConfig:
     every_kimg: float = 0.0  # 0 = no metrics during training
     metrics: list[str] = field(default_factory=lambda: ["fid50k"])
     inception_weights: str = ""  # local path or s3:// URL of the torch-fidelity Inception weights
+    lpips_weights: str = ""  # local path or s3:// URL of lpips-vgg16.pth (PPL, `sg2dist project`)
 
     def validate(self) -> None:
         if self.every_kimg < 0:
@@ -387,9 +409,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- --set overrides, then validated."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    model_from: ModelConfig | None = None,
+    model_source: str = "",
+) -> Config:
+    """Defaults <- YAML file <- --set overrides, then validated.
+
+    `model_from` is the model of the run or pickle that `--init-from` names (`model_source`):
+    model.* then comes from it, and a model key that the YAML or --set gives another value is
+    an error naming the key and both values.
+    """
     cfg = Config()
+    set_keys: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -404,10 +438,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(tree).__name__}")
         for key, value in _flatten(tree, str(path)).items():
             _apply(cfg, key, value)
+            set_keys.add(key)
     for key, value in parse_overrides(overrides or []).items():
         _apply(cfg, key, value)
+        set_keys.add(key)
+    if model_from is not None:
+        _take_model(cfg, model_from, set_keys, model_source)
     cfg.validate()
     return cfg
+
+
+# Model keys that change how the same weights are computed, not which weights exist: a config
+# may set them whatever the --init-from source used.
+_FREE_MODEL_KEYS = ("fused_modconv",)
+
+
+def _take_model(cfg: Config, source: ModelConfig, set_keys: set[str], source_name: str) -> None:
+    for key in sorted(k for k in set_keys if k.startswith("model.")):
+        name = key.partition(".")[2]
+        mine, theirs = getattr(cfg.model, name), getattr(source, name)
+        if name not in _FREE_MODEL_KEYS and mine != theirs:
+            raise ConfigError(
+                f"{key}={mine} in the config, but --init-from {source_name} has {key}={theirs}; "
+                f"drop {key} from the config (model.* comes from --init-from)"
+            )
+    free = {
+        name: getattr(cfg.model, name) for name in _FREE_MODEL_KEYS if f"model.{name}" in set_keys
+    }
+    cfg.model = dataclasses.replace(source, **free)
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

@@ -1,15 +1,26 @@
-"""FID, KID, IS and precision/recall of a generator against its dataset (torch-fidelity).
+"""FID, KID, IS and precision/recall of a generator against its dataset (torch-fidelity),
+and its perceptual path length (PPL).
 
 Metric names are `<kind><count>[k]`: fid50k, kid50k, fid10k, is50k, pr50k. The count is
 the number of generated images; the real images are the whole dataset when it is
 smaller, else its first `count` images in manifest order.
 
+PPL names are `ppl_<space><sampling>[<count>[k]][_crop]`: ppl_wend is the StyleGAN2
+paper's (W space, path endpoints, 100k samples; ppl_wend10k takes 10k), ppl_zfull the
+StyleGAN paper's (Z space, anywhere along the path); `_crop` first crops images to the
+face region as the official code does for FFHQ. One sample: two latents, their images at
+t and t + 1e-4 along the path between them (lerp in W, slerp in Z; t = 0 for `end`, else
+uniform), with the same per-pixel noise, and the LPIPS distance of the two images divided
+by 1e-4 squared; the score is the mean of the samples between the 1st and 99th
+percentiles. It needs no dataset, only the LPIPS weights (`metrics.lpips_weights`).
+
 Work split: with world_size > 1 every rank calls it, generates and embeds the batches
 whose index i has i % world_size == rank; rank 0 gathers the Inception features
 (torch.distributed gather_object), computes the scores and broadcasts them, so every
 rank returns the same dict. With the defaults (rank 0, world size 1) one process does
-everything while the others wait at a barrier; either way the caller raises the
-process-group timeout so a long evaluation cannot trip it. Batch i always draws its
+everything. Scoring on rank 0 can take minutes: a caller that keeps a short collective
+timeout passes `scores_on_every_rank=False`, so the other ranks return {} right after
+their share and wait for rank 0 some other way (the trainer: in the store). Batch i always draws its
 latents from seed i: scores do not depend on the world size. All of it runs on a forked
 RNG, so the caller's RNG state is left as it was (exact resume).
 
@@ -21,11 +32,14 @@ written only costs a recomputation next time.
 
 Inception weights: torch-fidelity downloads them on first use. Offline clusters set
 `metrics.inception_weights` (local path or s3://, copied once to the torch hub cache)
-to a copy of weights-inception-2015-12-05-6726825d.pth.
+to a copy of weights-inception-2015-12-05-6726825d.pth. The LPIPS weights are never
+downloaded (sg2dist/inversion/lpips.py).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import io
 import os
@@ -33,7 +47,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -47,10 +61,12 @@ from tqdm import tqdm
 from sg2dist import storage
 from sg2dist.data import iter_images, open_manifest
 from sg2dist.errors import UserError
+from sg2dist.inversion.lpips import LPIPS, load_lpips, lpips_distance
 from sg2dist.sampling import one_hot, to_uint8_nchw
 
 if TYPE_CHECKING:
     from sg2dist.model import Generator
+    from sg2dist.model.generator import SynthesisBlock
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_BYTES = 95_628_359
@@ -62,22 +78,37 @@ FEATURE_LAYER = {"fid": "2048", "kid": "2048", "pr": "2048", "is": "logits_unbia
 CACHE_FOLDER = "metrics-cache"
 KID_SUBSET_SIZE = 1000  # the KID paper's subset size; lowered for smaller image counts
 PR_NEIGHBORHOOD = 3  # k of the k-NN balls in improved precision/recall
+PPL_EPSILON = 1e-4  # step along the path between the two images of a PPL sample
+PPL_DEFAULT_COUNT = 100_000  # PPL samples in the StyleGAN papers
+PPL_PERCENTILES = (1, 99)  # PPL averages the samples between these
 
 
 @dataclass(frozen=True)
 class MetricSpec:
     name: str  # as the user wrote it, also the key of the result
-    kind: str  # fid | kid | is | pr
-    count: int  # generated images
-    real_count: int  # real images (at most the dataset's size)
+    kind: str  # fid | kid | is | pr | ppl
+    count: int  # generated images (PPL: samples, each a pair of images)
+    real_count: int  # real images (at most the dataset's size; 0 for PPL)
+    space: str = "w"  # PPL: the latent space of the path, z or w
+    sampling: str = "end"  # PPL: t = 0 (end) or uniform in [0, 1] (full)
+    crop: bool = False  # PPL: crop to the face region first (the official FFHQ setting)
 
 
 def parse_metric(name: str) -> MetricSpec:
-    match = re.fullmatch(r"(fid|kid|is|pr)(\d+)(k?)", name.strip().lower())
+    text = name.strip().lower()
+    ppl = re.fullmatch(r"ppl_(z|w)(end|full)(?:(\d+)(k?))?(_crop)?", text)
+    if ppl is not None:
+        space, sampling, number, thousands, crop = ppl.groups()
+        count = PPL_DEFAULT_COUNT if number is None else int(number) * (1000 if thousands else 1)
+        if count < 2:
+            raise UserError(f"metric '{name}' needs at least 2 samples; write e.g. ppl_wend10k")
+        return MetricSpec(name.strip(), "ppl", count, 0, space, sampling, crop is not None)
+    match = re.fullmatch(r"(fid|kid|is|pr)(\d+)(k?)", text)
     if match is None:
         raise UserError(
             f"metric '{name}' is not known; write KIND+COUNT with KIND one of fid, kid, is, pr "
-            "and COUNT the generated images, e.g. fid50k, kid50k, fid10k, is50k, pr50k"
+            "and COUNT the generated images, e.g. fid50k, kid50k, fid10k, is50k, pr50k, or a "
+            "perceptual path length: ppl_wend (ppl_wend10k, ppl_zfull, ppl_wend_crop)"
         )
     kind, number, thousands = match.groups()
     count = int(number) * (1000 if thousands else 1)
@@ -314,6 +345,119 @@ def real_features(
     return features["2048"]
 
 
+# ---------------------------------------------------------------------------- path length
+
+
+def slerp_rows(a_NZ: torch.Tensor, b_NZ: torch.Tensor, t_N1: torch.Tensor) -> torch.Tensor:
+    """Unit vectors at fraction t of the great circle from a's direction towards b's, row by
+    row (the mapping normalises z, so only directions matter)."""
+    a = a_NZ / a_NZ.norm(dim=1, keepdim=True)
+    b = b_NZ / b_NZ.norm(dim=1, keepdim=True)
+    cos_omega = (a * b).sum(dim=1, keepdim=True)
+    towards_b = b - cos_omega * a  # the part of b orthogonal to a
+    towards_b = towards_b / towards_b.norm(dim=1, keepdim=True)
+    angle = t_N1 * torch.acos(cos_omega)
+    path = a * torch.cos(angle) + towards_b * torch.sin(angle)
+    return path / path.norm(dim=1, keepdim=True)
+
+
+def ppl_images(G: Generator, spec: MetricSpec, n: int, seed: int) -> torch.Tensor:
+    """[2n, C, H, W] images of n PPL samples: the images at t, then those at t + epsilon.
+
+    Draws, in this order, from a CPU generator seeded with `seed`: z [2n, z_dim] (the path
+    ends: first n rows, then last n), classes [n] (conditional models), t [n] (uniform, used
+    for `full`), then one map per noise_const buffer of G in module order. G's constant
+    noise is overwritten: pass a copy.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = G.mapping.w_avg.device
+    z0, z1 = torch.randn([2 * n, G.z_dim], generator=generator).to(device).chunk(2)
+    class_idx = torch.zeros(n, dtype=torch.int64)
+    if G.c_dim > 0:
+        class_idx = torch.randint(G.c_dim, (n,), generator=generator)
+    t_N1 = torch.rand([n, 1], generator=generator).to(device)
+    if spec.sampling == "end":
+        t_N1 = torch.zeros_like(t_N1)
+    for name, buf in G.synthesis.named_buffers():
+        if name.endswith("noise_const"):
+            buf.copy_(torch.randn(buf.shape, generator=generator))
+    c = one_hot(class_idx, G.c_dim).to(device)
+    c_pair = torch.cat([c, c])
+    if spec.space == "w":
+        w0, w1 = G.mapping(torch.cat([z0, z1]), c_pair).chunk(2)
+        t = t_N1.unsqueeze(2)
+        ws = torch.cat([w0.lerp(w1, t), w0.lerp(w1, t + PPL_EPSILON)])
+    else:
+        z_t = torch.cat([slerp_rows(z0, z1, t_N1), slerp_rows(z0, z1, t_N1 + PPL_EPSILON)])
+        ws = G.mapping(z_t, c_pair)
+    return G.synthesis(ws, noise_mode="const")
+
+
+def ppl_distances(
+    lpips: LPIPS, img_pairs: torch.Tensor, spec: MetricSpec, img_resolution: int
+) -> torch.Tensor:
+    """[n] LPIPS distance / epsilon^2 of each sample's two images ([2n, C, H, W] as
+    `ppl_images` returns them), after the optional face crop and a box downsampling of
+    images larger than 256 px."""
+    img = img_pairs
+    if spec.crop:  # the face region of FFHQ, as the official code crops it
+        c = img.shape[2] // 8
+        img = img[:, :, c * 3 : c * 7, c * 2 : c * 6]
+    factor = img_resolution // 256
+    if factor > 1:
+        N, C, H, W = img.shape
+        img = img.reshape(N, C, H // factor, factor, W // factor, factor).mean(dim=(3, 5))
+    features_t0, features_t1 = lpips((img + 1) * 127.5).chunk(2)
+    return lpips_distance(features_t0, features_t1) / PPL_EPSILON**2
+
+
+def ppl_from_distances(distances: np.ndarray) -> float:
+    """Mean of the distances between the 1st and 99th percentiles (inclusive), as the
+    official code: it keeps a few huge jumps (a seam between modes) from ruling the score."""
+    lo = np.percentile(distances, PPL_PERCENTILES[0], method="lower")
+    hi = np.percentile(distances, PPL_PERCENTILES[1], method="higher")
+    return float(distances[(distances >= lo) & (distances <= hi)].mean())
+
+
+def fp32_copy(G: Generator) -> Generator:
+    """A private copy of G that runs every block in fp32 (PPL's epsilon step is far below
+    fp16's resolution) and whose noise buffers may be overwritten."""
+    G = copy.deepcopy(G).eval().requires_grad_(False)
+    for block in G.synthesis.blocks.values():
+        cast("SynthesisBlock", block).use_fp16 = False
+    return G
+
+
+def _ppl_score(
+    G_ema: Generator,
+    spec: MetricSpec,
+    lpips: LPIPS,
+    batch: int,
+    rank: int,
+    world_size: int,
+) -> dict[str, float]:
+    """{spec.name: PPL} on rank 0 ({} elsewhere); batch i is drawn from seed i."""
+    G = fp32_copy(G_ema)
+    parts = []
+    num_batches = -(-spec.count // batch)
+    with tqdm(
+        total=spec.count, desc=spec.name, unit="sample", disable=True if rank else None, leave=False
+    ) as progress:
+        for batch_index in range(num_batches):
+            if not _owned(batch_index, rank, world_size):
+                continue
+            n = min(batch, spec.count - batch_index * batch)
+            with torch.no_grad():
+                img_pairs = ppl_images(G, spec, n, seed=batch_index)
+                distances = ppl_distances(lpips, img_pairs, spec, G.img_resolution)
+            parts.append((batch_index, {"ppl": distances.double().cpu()}))
+            progress.update(n * world_size)
+    gathered = _gather_features(parts, rank, world_size)
+    if gathered is None:
+        return {}
+    return {spec.name: ppl_from_distances(gathered["ppl"].numpy())}
+
+
 # ---------------------------------------------------------------------------- scores
 
 
@@ -367,37 +511,52 @@ def compute_metrics(
     *,
     device: torch.device | str,
     inception_weights: str = "",
+    lpips_weights: str = "",
     num_gen: int | None = None,
     batch: int = 64,
     rank: int = 0,
     world_size: int = 1,
+    scores_on_every_rank: bool = True,
 ) -> dict[str, float]:
     """Scores of G_ema against the dataset at `data_url`, e.g. {'fid50k': 3.1}; the same
-    dict on every rank. `num_gen` overrides the generated image count of every metric.
-    With world_size > 1 every rank must call it (torch.distributed collectives)."""
+    dict on every rank (rank 0 only, {} elsewhere, with scores_on_every_rank=False).
+    `num_gen` overrides the generated image (PPL: sample) count of every metric. PPL alone
+    needs no dataset (`data_url` may be ""). With world_size > 1 every rank must call it
+    (torch.distributed collectives)."""
     device = torch.device(device)
-    # Building Inception and generating images draw random numbers: keep them off the
+    specs = [parse_metric(name) for name in metrics]
+    if num_gen is not None:
+        specs = [dataclasses.replace(spec, count=num_gen) for spec in specs]
+    # Building the networks and generating images draw random numbers: keep them off the
     # caller's RNG streams, which an exact training resume depends on.
     with _forked_rng(device):
-        return _compute_metrics(
-            G_ema, data_url, metrics, device, inception_weights, num_gen, batch, rank, world_size
-        )
+        scores: dict[str, float] = {}
+        fidelity = [spec for spec in specs if spec.kind != "ppl"]
+        if fidelity:
+            scores.update(
+                _fidelity_scores(
+                    G_ema, data_url, fidelity, device, inception_weights, batch, rank, world_size
+                )
+            )
+        path_lengths = [spec for spec in specs if spec.kind == "ppl"]
+        if path_lengths:
+            lpips = load_lpips(lpips_weights, device)
+            for spec in path_lengths:
+                scores.update(_ppl_score(G_ema, spec, lpips, batch, rank, world_size))
+    return _broadcast(scores, world_size) if scores_on_every_rank else scores
 
 
-def _compute_metrics(
+def _fidelity_scores(
     G_ema: Generator,
     data_url: str,
-    metrics: list[str],
+    specs: list[MetricSpec],
     device: torch.device,
     inception_weights: str,
-    num_gen: int | None,
     batch: int,
     rank: int,
     world_size: int,
 ) -> dict[str, float]:
-    specs = [parse_metric(name) for name in metrics]
-    if num_gen is not None:
-        specs = [MetricSpec(spec.name, spec.kind, num_gen, spec.real_count) for spec in specs]
+    """The Inception-based scores on rank 0 ({} elsewhere)."""
     manifest = open_manifest(data_url)
     layers = sorted({FEATURE_LAYER[spec.kind] for spec in specs})
     extractor, extractor_id = load_feature_extractor(inception_weights, layers, device)
@@ -425,4 +584,4 @@ def _compute_metrics(
         assert gen is not None  # rank 0 holds the gathered features
         for spec in specs:
             scores.update(_score(spec, gen, real))
-    return _broadcast(scores, world_size)
+    return scores

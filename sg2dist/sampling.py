@@ -70,15 +70,53 @@ def map_z(
     truncation_psi: float,
     batch: int,
     device: torch.device,
+    truncation_cutoff: int | None = None,
 ) -> torch.Tensor:
-    """ws [N, num_ws, w_dim] (on the CPU) for z [N, z_dim] and c [N, c_dim]."""
+    """ws [N, num_ws, w_dim] (on the CPU) for z [N, z_dim] and c [N, c_dim]; truncation
+    pulls the first `truncation_cutoff` ws (all when None) towards the average w."""
     ws_chunks = [
         G.mapping(
-            z[i : i + batch].to(device), c[i : i + batch].to(device), truncation_psi=truncation_psi
+            z[i : i + batch].to(device),
+            c[i : i + batch].to(device),
+            truncation_psi=truncation_psi,
+            truncation_cutoff=truncation_cutoff,
         ).cpu()
         for i in range(0, len(z), batch)
     ]
     return torch.cat(ws_chunks)
+
+
+@torch.no_grad()
+def truncate_ws(
+    G: Generator, ws: torch.Tensor, *, truncation_psi: float, truncation_cutoff: int | None = None
+) -> torch.Tensor:
+    """Given ws (e.g. a projection) truncated like `map_z` truncates mapped ones."""
+    if truncation_psi == 1:
+        return ws
+    return G.mapping.truncate(
+        ws.to(G.mapping.w_avg.device), truncation_psi, truncation_cutoff
+    ).cpu()
+
+
+# ---------------------------------------------------------------------------- ws files
+
+WS_NPZ_KEY = "w"  # the official projector's projected_w.npz holds ws under this name
+
+
+def ws_npz_bytes(ws: torch.Tensor) -> bytes:
+    """ws [N, num_ws, w_dim] as an .npz file (float32 array `w`), as the official projector
+    writes it, so its files and ours load in both."""
+    buffer = io.BytesIO()
+    np.savez(buffer, w=ws.detach().cpu().to(torch.float32).numpy())  # key WS_NPZ_KEY
+    return buffer.getvalue()
+
+
+def ws_from_npz(data: bytes) -> torch.Tensor:
+    """ws [N, ...] float32 from .npz bytes (no pickles); ValueError if there is no array `w`."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        if WS_NPZ_KEY not in npz.files:
+            raise ValueError(f"no array '{WS_NPZ_KEY}' (it holds {', '.join(npz.files) or 'none'})")
+        return torch.from_numpy(npz[WS_NPZ_KEY].astype(np.float32))
 
 
 # ---------------------------------------------------------------------------- synthesis

@@ -3,13 +3,17 @@
 A URL is either a local path or `s3://bucket/key`. Every function takes either,
 so callers never branch on where data lives. Local writes go through a temporary
 file and `os.replace`, so a reader never sees half a file; on S3 a PUT is atomic
-by itself.
+by itself. Files published on the web (`https://`, e.g. NVIDIA's network pickles) are
+downloaded once into a local cache by `fetch_cached` and read from there.
 
 S3 settings follow the standard AWS variables: the endpoint comes from
 `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`), credentials from the usual chain
 (environment, profile, IRSA), the retry budget from `AWS_MAX_ATTEMPTS`. Failures a
-user can fix (missing object or bucket, refused credentials, unreachable endpoint)
-become one `UserError` line naming the URL; secret values never appear in it.
+user can fix (missing object or bucket, refused credentials) become one `UserError`
+line naming the URL; secret values never appear in it. An endpoint that does not answer
+or answers 5xx raises `StorageUnavailableError`, a `TemporaryError`: an outage that waiting
+may end, so callers can retry it (`retry_unavailable`) and a command that gives up exits
+with the retryable code instead of failing its Job for good.
 
 Functions that talk to S3 accept an optional `client=`; without one they use
 `s3_client()`, which keeps one client per process and environment.
@@ -18,21 +22,30 @@ Functions that talk to S3 accept an optional `client=`; without one they use
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
+import http.client
 import io
 import os
+import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
-from typing import IO, Any
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import boto3
 import boto3.exceptions
 import botocore.exceptions
 from botocore.config import Config
+from tqdm import tqdm
 
-from sg2dist.errors import UserError
+from sg2dist.errors import TemporaryError, UserError
 
 S3_PREFIX = "s3://"
 DEFAULT_MAX_ATTEMPTS = 10
@@ -40,6 +53,18 @@ DEFAULT_MAX_ATTEMPTS = 10
 # re-requests the object this many times before giving up.
 BODY_READ_ATTEMPTS = 3
 READ_BUFFER_BYTES = 1 << 20
+# retry_unavailable: the first pause after a failed attempt, doubled after each one up to the
+# longest pause. The total is bounded by the caller's budget (run.storage_retry_s).
+RETRY_FIRST_DELAY_S = 1.0
+RETRY_MAX_DELAY_S = 30.0
+
+T = TypeVar("T")
+
+
+class StorageUnavailableError(TemporaryError):
+    """The S3 endpoint did not answer, or answered with a server error (5xx): an outage,
+    not a mistake in the URL or the keys. Retrying later may succeed."""
+
 
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _REFUSED_CODES = {
@@ -183,7 +208,7 @@ def _translate(exc: Exception, url: str, client: Any) -> UserError | None:
                 "AWS_SECRET_ACCESS_KEY (or the profile / role) and the bucket's permissions"
             )
         if code in _SERVER_TROUBLE_CODES:
-            return UserError(
+            return StorageUnavailableError(
                 f"S3 endpoint {endpoint} could not serve {url} ({code}, after {_max_attempts()} "
                 "attempts); check the server's health, or raise AWS_MAX_ATTEMPTS"
             )
@@ -198,7 +223,7 @@ def _translate(exc: Exception, url: str, client: Any) -> UserError | None:
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a pod role)"
         )
     if isinstance(exc, _UNREACHABLE_ERRORS):
-        return UserError(
+        return StorageUnavailableError(
             f"cannot reach S3 endpoint {endpoint} for {url} (after {_max_attempts()} attempts); "
             "check AWS_ENDPOINT_URL_S3 and that the server is up"
         )
@@ -223,6 +248,40 @@ def _s3_errors(url: str, client: Any) -> Iterator[None]:
 
 def _missing_local(url: str) -> UserError:
     return UserError(f"{url} does not exist; check the path")
+
+
+def retry_unavailable(fn: Callable[[], T], *, what: str, budget_s: float) -> T:
+    """`fn()`, tried again while it raises StorageUnavailableError, until `budget_s` is spent.
+
+    For work that must survive a short object-storage outage (a checkpoint, the resume at
+    start). Pauses double from RETRY_FIRST_DELAY_S up to RETRY_MAX_DELAY_S; one line per
+    failed attempt says what failed and when the next try comes. Every attempt is itself
+    boto3's AWS_MAX_ATTEMPTS requests, so the whole takes at most `budget_s` plus one
+    attempt. The last failure is raised as one StorageUnavailableError line naming `what`.
+    Other errors (refused keys, a missing bucket) are raised at once: waiting cannot fix them.
+    """
+    started = time.monotonic()
+    delay_s = RETRY_FIRST_DELAY_S
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except StorageUnavailableError as exc:
+            elapsed_s = time.monotonic() - started
+            again = elapsed_s + delay_s <= budget_s
+            print(
+                f"[storage] {what} failed (attempt {attempt}): {exc}; "
+                + (f"retrying in {delay_s:g} s" if again else "giving up"),
+                file=sys.stderr,
+                flush=True,
+            )
+            if not again:
+                raise StorageUnavailableError(
+                    f"{what} failed {attempt} time(s) over {elapsed_s:.0f} s: {exc}"
+                ) from None
+        time.sleep(delay_s)
+        delay_s = min(2 * delay_s, RETRY_MAX_DELAY_S)
+        attempt += 1
 
 
 # ---------------------------------------------------------------------------- queries
@@ -298,7 +357,7 @@ def read_bytes(url: str, *, client: Any = None) -> bytes:
             return body.read()
         except STREAM_ERRORS:
             if attempt == BODY_READ_ATTEMPTS:
-                raise UserError(
+                raise StorageUnavailableError(
                     f"reading {url} broke off {BODY_READ_ATTEMPTS} times; "
                     "check the S3 endpoint's health and retry"
                 ) from None
@@ -422,3 +481,92 @@ def _delete_keys(client: Any, bucket: str, keys: list[str], url: str) -> None:
                 f"could not delete {len(reply['Errors'])} objects under {url} "
                 f"(first: {first.get('Key')}: {first.get('Code')}); check write permissions"
             )
+
+
+# ---------------------------------------------------------------------------- http(s)
+
+HTTP_PREFIXES = ("https://", "http://")
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60
+
+
+def is_http(url: str) -> bool:
+    return str(url).lower().startswith(HTTP_PREFIXES)
+
+
+def display_url(url: str) -> str:
+    """`url` fit for logs and metadata: no user:password@, no query (signed URLs carry tokens)."""
+    if not is_http(url):
+        return url
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def cache_dir() -> str:
+    """Where downloads are kept: $SG2DIST_CACHE_DIR, else $XDG_CACHE_HOME/sg2dist, else
+    ~/.cache/sg2dist."""
+    if os.environ.get("SG2DIST_CACHE_DIR"):
+        return os.environ["SG2DIST_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sg2dist")
+
+
+def fetch_cached(url: str) -> tuple[str, str]:
+    """(local path, sha256) of an http(s) URL, downloaded into the cache folder on first use
+    with a progress bar; the sha256 is printed either way.
+
+    The file appears in the cache complete or not at all. A lock file makes concurrent
+    processes of one machine (the ranks of a training run) download it once.
+    """
+    name = os.path.basename(urlsplit(url).path) or "download"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), "downloads", f"{url_key}-{name}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.isfile(path):
+            sha256 = _file_sha256(path)
+            print(f"using cached {path} (sha256 {sha256})", file=sys.stderr, flush=True)
+            return path, sha256
+        sha256 = _download(url, path)
+    print(f"downloaded {display_url(url)} to {path} (sha256 {sha256})", file=sys.stderr)
+    return path, sha256
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(DOWNLOAD_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url: str, path: str) -> str:
+    shown = display_url(url)
+    digest = hashlib.sha256()
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+            _atomic_local_file(path) as tmp_path,
+            open(tmp_path, "wb") as out,
+        ):
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                for chunk in iter(lambda: response.read(DOWNLOAD_CHUNK_BYTES), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if total is not None and bar.n != total:
+                raise UserError(
+                    f"download of {shown} ended after {bar.n} of {total} bytes; try again"
+                )
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"{shown} answered HTTP {exc.code} {exc.reason}; check the URL") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise UserError(
+            f"cannot download {shown} ({reason}); check the URL and the network, or download "
+            "the file yourself and pass its local path"
+        ) from None
+    return digest.hexdigest()

@@ -56,6 +56,8 @@ def test_config_round_trips_through_a_plain_dict():
         (["train.batch=lots"], "config key 'train.batch' must be int"),
         (["model.resolution=48"], "model.resolution=48 is not a power of two"),
         (["train.precision=fp8"], "train.precision='fp8'"),
+        (["run.peer_timeout_s=0.5"], "run.peer_timeout_s=0.5 is too short"),
+        (["run.storage_retry_s=-1"], "run.storage_retry_s=-1 must be >= 0"),
     ],
 )
 def test_bad_keys_and_values_raise_a_config_error_naming_the_key(overrides, expected):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
+from support.s3 import SeaweedFS
 
 from sg2dist import storage
-from sg2dist.errors import UserError
+from sg2dist.errors import TemporaryError, UserError
 
 
 def test_join_appends_parts_for_s3_and_local_paths():
@@ -120,16 +120,72 @@ def test_s3_wrong_credentials_are_one_clear_line_without_the_secret(s3_env, monk
     assert wrong_secret not in message and s3_env.server.access_key not in message
 
 
-def test_s3_unreachable_endpoint_is_a_clear_error_within_seconds(s3_env, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    started = time.monotonic()
-    with pytest.raises(UserError, match=f"cannot reach S3 endpoint http://127.0.0.1:{closed_port}"):
-        storage.exists(storage.join(s3_env.url, "x"))
-    assert time.monotonic() - started < 15
+@pytest.mark.timeout(60)  # a hang guard: two refused connections take a few seconds
+def test_s3_unreachable_endpoint_is_one_retryable_error_after_the_set_attempts(s3_env, monkeypatch):
+    # A socket bound but never listening: connections to it are refused, and no other
+    # process can take the port while we hold it.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        closed_port = holder.getsockname()[1]
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{closed_port}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        with pytest.raises(storage.StorageUnavailableError) as info:
+            storage.exists(storage.join(s3_env.url, "x"))
+    assert str(info.value).startswith(
+        f"cannot reach S3 endpoint http://127.0.0.1:{closed_port} for s3://"
+    )
+    assert "(after 2 attempts)" in str(info.value)
+    assert info.value.exit_code == 75  # an outage: the Job retries, it does not fail for good
+
+
+def test_a_write_retried_through_an_s3_outage_lands_once_the_server_is_back(
+    tmp_path, monkeypatch, capsys
+):
+    server = SeaweedFS(tmp_path / "s3").start()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        url = f"{server.prefix_url()}/state.pt"
+        server.stop()
+        tries = []
+
+        def write() -> None:
+            tries.append(len(tries) + 1)
+            if len(tries) == 2:
+                server.start()  # the outage ends between the first and the second try
+            storage.write_bytes(url, b"state")
+
+        storage.retry_unavailable(write, what="writing state.pt", budget_s=60)
+        assert tries == [1, 2] and storage.read_bytes(url) == b"state"
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[storage]")]
+        assert line.startswith("[storage] writing state.pt failed (attempt 1): cannot reach S3 ")
+        assert line.endswith("; retrying in 1 s")
+
+        server.stop()  # and a budget that allows no second try
+        with pytest.raises(storage.StorageUnavailableError) as info:
+            storage.retry_unavailable(
+                lambda: storage.write_bytes(url, b"new"), what="writing state.pt", budget_s=0
+            )
+        assert str(info.value).startswith("writing state.pt failed 1 time(s) over ")
+        assert "cannot reach S3 endpoint" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        server.stop()
+
+
+def test_errors_that_waiting_cannot_fix_are_not_retried(s3_env, monkeypatch):
+    url = storage.join(s3_env.url, "private.bin")
+    storage.write_bytes(url, b"x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    tries = []
+
+    def read() -> bytes:
+        tries.append(1)
+        return storage.read_bytes(url)
+
+    with pytest.raises(UserError) as info:
+        storage.retry_unavailable(read, what="reading private.bin", budget_s=60)
+    assert tries == [1] and not isinstance(info.value, TemporaryError)
+    assert info.value.exit_code == 2
 
 
 def test_local_writes_get_the_mode_a_plain_open_would_give(tmp_path):
@@ -139,3 +195,44 @@ def test_local_writes_get_the_mode_a_plain_open_would_give(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------------------- https
+
+
+def test_https_url_is_downloaded_once_into_the_cache_with_its_sha256_printed(
+    https_server, tmp_path, monkeypatch, capsys
+):
+    import hashlib
+
+    monkeypatch.setenv("SG2DIST_CACHE_DIR", str(tmp_path / "cache"))
+    payload = os.urandom(3 << 20)  # several download chunks
+    (https_server.root / "net.pkl").write_bytes(payload)
+    url = f"{https_server.url}/net.pkl?token=secret"
+    path, sha256 = storage.fetch_cached(url)
+    assert sha256 == hashlib.sha256(payload).hexdigest()
+    with open(path, "rb") as f:
+        assert f.read() == payload
+    assert path.startswith(str(tmp_path / "cache")) and path.endswith("-net.pkl")
+    first = capsys.readouterr().err
+    assert f"sha256 {sha256}" in first and "secret" not in first
+    # The second time comes from the cache: no request reaches the server.
+    assert storage.fetch_cached(url) == (path, sha256)
+    assert len(https_server.gets) == 1
+    assert f"using cached {path} (sha256 {sha256})" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "cache" / "downloads").iterdir() if "tmp" in p.name] == []
+
+
+def test_https_errors_are_one_line_naming_the_url_without_its_query(
+    https_server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SG2DIST_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"net\.pkl answered HTTP 404") as missing:
+        storage.fetch_cached(f"{https_server.url}/missing/net.pkl?sig=abc")
+    assert "sig=abc" not in str(missing.value)
+    # A server whose certificate this process does not trust is refused, not used.
+    monkeypatch.delenv("SSL_CERT_FILE")
+    (https_server.root / "net.pkl").write_bytes(b"x")
+    with pytest.raises(UserError, match="cannot download .*CERTIFICATE_VERIFY_FAILED"):
+        storage.fetch_cached(f"{https_server.url}/net.pkl")
+    assert not list((tmp_path / "cache" / "downloads").glob("*net.pkl"))

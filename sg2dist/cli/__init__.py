@@ -24,9 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sg2dist.cli.generate", "write images or a grid from a checkpoint"),
     "style-mix": ("sg2dist.cli.style_mix", "draw the style-mixing figure from a checkpoint"),
     "interpolate": ("sg2dist.cli.interpolate", "render a looping latent walk (gif or mp4)"),
-    "metrics": ("sg2dist.cli.metrics", "score a checkpoint with FID/KID"),
-    "export": ("sg2dist.cli.export", "log G_ema of a checkpoint as an MLflow model"),
+    "project": ("sg2dist.cli.project", "find the w whose image matches a target photo"),
+    "metrics": ("sg2dist.cli.metrics", "score a checkpoint with FID/KID/PPL"),
+    "export": ("sg2dist.cli.export", "G_ema of a checkpoint as an MLflow model, ONNX or pt2"),
     "bench": ("sg2dist.cli.bench", "benchmark a training step or the data loader"),
+    "import": ("sg2dist.cli.import_pickle", "turn an official StyleGAN2 network pickle into a run"),
     "augment-preview": (
         "sg2dist.cli.augment_preview",
         "show real images as D sees them under ADA or DiffAugment",
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as exc:
         print(f"sg2dist: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("sg2dist: interrupted", file=sys.stderr)
         return 130

@@ -11,8 +11,14 @@ sg2dist/train/bench.py); this module parses and prints.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from sg2dist import storage
+
+if TYPE_CHECKING:
+    from sg2dist.train.bench import PhaseProfile
+
+PROFILE_ORDER = ("Gmain", "Greg", "Dmain", "Dreg", "opt_G", "opt_D", "ema")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +104,12 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--augment-p", type=float, default=0.5, help="p of --augment ada/fixed (default 0.5)"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print milliseconds per phase (Gmain, Greg, Dmain, Dreg, opt_G, opt_D, ema) "
+        "and the top operators / kernels (two more cycles, after the timed ones)",
+    )
     parser.set_defaults(run=run_step)
 
 
@@ -120,7 +132,7 @@ def run_step(args: argparse.Namespace) -> int:
         augment=args.augment,
         augment_p=args.augment_p,
     )
-    result = run_step_bench(settings)
+    result, profile = run_step_bench(settings, profile=args.profile)
     device = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
     )
@@ -133,4 +145,22 @@ def run_step(args: argparse.Namespace) -> int:
         f"max {args.channel_max} {args.precision}{' compiled' if args.compile else ''}{augment} "
         f"on {device}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items())
     )
+    if profile is not None:
+        print(format_profile(profile, result["sec_per_iter"]))
     return 0
+
+
+def format_profile(profile: PhaseProfile, sec_per_iter: float) -> str:
+    """Phase table (ms per call, calls per 16-step cycle, ms per iteration, share of the
+    timed iteration), then the profiler's operator / kernel table."""
+    lines = ["", "phase     ms/call  calls/cycle  ms/iter  share"]
+    for name in PROFILE_ORDER:
+        if name in profile.ms_per_call:
+            per_iter = profile.ms_per_iter(name)
+            lines.append(
+                f"{name:<8} {profile.ms_per_call[name]:8.2f}  {profile.calls_per_cycle[name]:11d}"
+                f"  {per_iter:7.2f}  {per_iter / (sec_per_iter * 1000):5.1%}"
+            )
+    timed = sum(profile.ms_per_iter(name) for name in profile.ms_per_call)
+    lines.append(f"{'sum':<8} {'':8}  {'':11}  {timed:7.2f}  (phases timed one by one, synced)")
+    return "\n".join([*lines, "", "top operators / kernels (one cycle):", profile.top_kernels])

@@ -1,9 +1,9 @@
 """Options and argument parsing that several commands share, defined once.
 
 `--config/--set` (train, summary), `--checkpoint`, `--device` and the sampling options
-(`--trunc`, `--noise-mode`, `--class`, `--batch`) of the generator commands, seed lists
-("0-63", "1,2,5-7") and output suffix checks. Every mistake is a UserError naming the
-option and the fix.
+(`--trunc`, `--trunc-cutoff`, `--noise-mode`, `--class`, `--batch`) of the generator
+commands, seed lists ("0-63", "1,2,5-7") and output suffix checks. Every mistake is a
+UserError naming the option and the fix.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         metavar="URL",
-        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://",
+        help="run folder (its latest checkpoint) or checkpoint folder, local or s3://; or an "
+        "official network pickle (.pkl path, s3:// or https:// URL), imported in memory",
     )
 
 
@@ -67,6 +68,13 @@ def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         metavar="PSI",
         help="truncation psi: 1 = none, 0.7 = typical, 0 = the average image",
+    )
+    parser.add_argument(
+        "--trunc-cutoff",
+        type=int,
+        default=None,
+        metavar="N",
+        help="truncate only the first N ws layers, the coarse ones (default: all)",
     )
     parser.add_argument(
         "--noise-mode",
@@ -121,6 +129,14 @@ def check_class(c_dim: int, class_idx: int | None) -> None:
         )
 
 
+def check_trunc_cutoff(num_ws: int, cutoff: int | None) -> None:
+    if cutoff is not None and not 1 <= cutoff <= num_ws:
+        raise UserError(
+            f"--trunc-cutoff {cutoff} is out of range; this model has {num_ws} ws layers, "
+            f"so use 1..{num_ws} (e.g. 4 truncates the 4 coarsest)"
+        )
+
+
 def parse_int_list(text: str, option: str) -> list[int]:
     """'1,2,5-7' -> [1, 2, 5, 6, 7]; ranges are inclusive, order and repeats are kept."""
     values: list[int] = []
@@ -161,8 +177,11 @@ def check_suffix(url: str, suffixes: tuple[str, ...], option: str) -> str:
 # ---------------------------------------------------------------------------- loading
 
 
-def open_generator(args: argparse.Namespace) -> tuple[Generator, torch.device]:
-    """G_ema of `args.checkpoint` on `args.device`, after checking --batch and --class."""
+def open_generator(
+    args: argparse.Namespace, *, class_required: bool = True
+) -> tuple[Generator, torch.device]:
+    """G_ema of `args.checkpoint` on `args.device`, after checking --batch, --trunc-cutoff
+    and (unless the command's latents hold the class already) --class."""
     check_batch(args.batch)
     device = resolve_device(args.device)
     if device.type == "cuda":
@@ -171,7 +190,9 @@ def open_generator(args: argparse.Namespace) -> tuple[Generator, torch.device]:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     G, _cfg, _meta = load_generator_or_explain(args.checkpoint, device)
-    check_class(G.c_dim, args.class_idx)
+    if class_required:
+        check_class(G.c_dim, args.class_idx)
+    check_trunc_cutoff(G.num_ws, getattr(args, "trunc_cutoff", None))
     return G, device
 
 
@@ -192,5 +213,6 @@ def load_generator_or_explain(
         raise UserError(
             f"checkpoint {url} could not be read as a sg2dist G_ema "
             f"({type(exc).__name__}: {reason}); "
-            "pass a run folder or checkpoints/nimg-... folder written by `sg2dist train`"
+            "pass a run folder or checkpoints/nimg-... folder written by `sg2dist train` "
+            "or `sg2dist import`"
         ) from None

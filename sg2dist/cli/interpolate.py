@@ -57,7 +57,15 @@ def main(args: argparse.Namespace) -> int:
 
     def to_ws(z):
         c = class_labels(G.c_dim, args.class_idx, len(z))
-        return map_z(G, z, c, truncation_psi=args.trunc, batch=args.batch, device=device)
+        return map_z(
+            G,
+            z,
+            c,
+            truncation_psi=args.trunc,
+            truncation_cutoff=args.trunc_cutoff,
+            batch=args.batch,
+            device=device,
+        )
 
     z_keys = z_from_seeds(seeds, G.z_dim)
     if args.space == "z":

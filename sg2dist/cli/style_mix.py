@@ -79,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
         z_from_seeds(source_seeds, G.z_dim),
         class_labels(G.c_dim, args.class_idx, len(source_seeds)),
         truncation_psi=args.trunc,
+        truncation_cutoff=args.trunc_cutoff,
         batch=args.batch,
         device=device,
     )

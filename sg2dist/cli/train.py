@@ -22,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (continue from run.dir's latest checkpoint if any), none, or a checkpoint URL",
     )
     parser.add_argument(
-        "--init-from", default="", help="checkpoint URL whose weights start a new run (fine-tuning)"
+        "--init-from",
+        default="",
+        metavar="URL",
+        help="start a new run from these weights (fine-tuning): a run or checkpoint folder, or "
+        "an official network pickle (.pkl path, s3:// or https:// URL); model.* comes from it",
     )
 
 
@@ -31,6 +35,17 @@ def main(args: argparse.Namespace) -> int:
     # torchrun and accelerate launch both export WORLD_SIZE; checked before any heavy import.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     batch_gpu, accum = cfg.train.batch_layout(world_size)
+    init_from = None
+    if args.init_from:
+        from sg2dist.train.checkpoint import load_checkpoint, source_model
+
+        init_from = load_checkpoint(args.init_from)
+        cfg = load_config(
+            args.config,
+            args.overrides,
+            model_from=source_model(init_from),
+            model_source=init_from.url,  # a URL without credentials or query
+        )
     if args.dry_run:
         print(dump_config(cfg), end="")
         print(
@@ -41,5 +56,5 @@ def main(args: argparse.Namespace) -> int:
     from sg2dist.train.build import build_session
     from sg2dist.train.loop import train
 
-    session = build_session(cfg, resume=args.resume, init_from=args.init_from)
+    session = build_session(cfg, resume=args.resume, init_from=init_from)
     return train(session)

@@ -372,6 +372,12 @@ class StreamLoader:
         """Batches this rank yields in epoch mode (equal on every rank); None when resampled."""
         return self._limit
 
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of this loader's worker processes, by loader worker; () before the first
+        batch starts them, after close(), and with workers=0."""
+        return self._pool.pids if self._pool is not None else ()
+
     def __iter__(self) -> StreamLoader:
         return self
 

@@ -166,6 +166,11 @@ class WorkerPool:
             self._processes.append(process)
         self._turn = collections.deque(range(workers))
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The worker processes' ids, by loader worker (for tests and diagnostics)."""
+        return tuple(process.pid for process in self._processes)
+
     def next_item(self) -> tuple[int, Any]:
         """(loader worker, its next item) in turn; StopIteration once every worker ended."""
         while self._turn:

@@ -33,6 +33,7 @@ def build_networks(model_cfg: ModelConfig) -> tuple[Generator, Discriminator]:
         img_channels=model_cfg.img_channels,
         map_layers=model_cfg.map_layers,
         map_lr_mult=model_cfg.map_lr_mult,
+        w_avg_beta=model_cfg.w_avg_beta,
         channel_base=model_cfg.channel_base,
         channel_max=model_cfg.channel_max,
         num_fp16_res=model_cfg.num_fp16_res,

@@ -174,6 +174,16 @@ class Discriminator(nn.Module):
             conv_clamp=conv_clamp,
         )
 
+    def layers_from_top(self) -> list[nn.Module]:
+        """The layers Freeze-D counts, in the official order: fromRGB, then conv0, conv1 and
+        skip of each block from the top resolution down (the epilogue and the label mapping
+        are never frozen)."""
+        layers: list[nn.Module] = [self.fromrgb]
+        for block in self.blocks.values():
+            assert isinstance(block, DiscriminatorBlock)
+            layers += [block.conv0, block.conv1, block.skip]
+        return layers
+
     def forward(self, img: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = self.fromrgb(conv_layout(img.to(compute_dtype(self.top_fp16, self.fromrgb.weight))))
         for block in self.blocks.values():

@@ -346,6 +346,7 @@ class Generator(nn.Module):
         *,
         map_layers: int = 8,
         map_lr_mult: float = 0.01,
+        w_avg_beta: float = 0.995,
         channel_base: int = 32768,
         channel_max: int = 512,
         num_fp16_res: int = 0,
@@ -370,7 +371,13 @@ class Generator(nn.Module):
         )
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(
-            z_dim, c_dim, w_dim, self.num_ws, num_layers=map_layers, lr_mult=map_lr_mult
+            z_dim,
+            c_dim,
+            w_dim,
+            self.num_ws,
+            num_layers=map_layers,
+            lr_mult=map_lr_mult,
+            w_avg_beta=w_avg_beta,
         )
 
     def forward(

@@ -93,29 +93,52 @@ def _depthwise(f_kk: torch.Tensor, channels: int, gain: float, dtype: torch.dtyp
     return conv_layout((f_kk * gain).to(dtype).expand(channels, 1, *f_kk.shape))
 
 
-def upsample2d(x: torch.Tensor, f_kk: torch.Tensor) -> torch.Tensor:
+def upsample2d(
+    x: torch.Tensor, f_kk: torch.Tensor, *, native_adjoints: bool | None = None
+) -> torch.Tensor:
     """[N, C, H, W] -> [N, C, 2H, 2W]: zero insertion, pad (2, 1), filter with gain 4.
 
     A transposed depthwise convolution with stride 2 and padding 1 does exactly that in
-    one call, without materialising the zero-filled image.
+    one call, without materialising the zero-filled image. `native_adjoints` (default: on
+    CUDA): see `_FirConv`.
     """
     kernel = _depthwise(f_kk, x.shape[1], 4.0, x.dtype)
+    N, C, H, W = x.shape
+    if _use_native_adjoints(x, native_adjoints):
+        return _FirAdjoint.apply(x, kernel, 2, 1, (N, C, 2 * H, 2 * W))
     return _DepthwiseFIR.apply(x, kernel, 2, 1, True)
 
 
-def downsample2d(x: torch.Tensor, f_kk: torch.Tensor) -> torch.Tensor:
+def downsample2d(
+    x: torch.Tensor, f_kk: torch.Tensor, *, native_adjoints: bool | None = None
+) -> torch.Tensor:
     """[N, C, H, W] -> [N, C, H/2, W/2]: pad (1, 1), filter, keep every second pixel.
 
     The stride-2 convolution computes only the pixels that are kept.
     """
     kernel = _depthwise(f_kk, x.shape[1], 1.0, x.dtype)
+    if _use_native_adjoints(x, native_adjoints):
+        return _FirConv.apply(x, kernel, 2, 1)
     return _DepthwiseFIR.apply(x, kernel, 2, 1, False)
 
 
-def blur2d(x: torch.Tensor, f_kk: torch.Tensor, pad: int, gain: float = 1.0) -> torch.Tensor:
+def blur2d(
+    x: torch.Tensor,
+    f_kk: torch.Tensor,
+    pad: int,
+    gain: float = 1.0,
+    *,
+    native_adjoints: bool | None = None,
+) -> torch.Tensor:
     """Filter each channel with symmetric zero padding `pad` (no resampling)."""
     kernel = _depthwise(f_kk, x.shape[1], gain, x.dtype)
+    if _use_native_adjoints(x, native_adjoints):
+        return _FirConv.apply(x, kernel, 1, pad)
     return _DepthwiseFIR.apply(x, kernel, 1, pad, False)
+
+
+def _use_native_adjoints(x: torch.Tensor, native_adjoints: bool | None) -> bool:
+    return x.is_cuda if native_adjoints is None else native_adjoints
 
 
 def _fir_conv(x, kernel, stride: int, padding: int, transposed: bool, output_padding=0):
@@ -127,12 +150,12 @@ def _fir_conv(x, kernel, stride: int, padding: int, transposed: bool, output_pad
 
 class _DepthwiseFIR(torch.autograd.Function):
     """A fixed depthwise filter whose backward is the adjoint filter, run as a plain
-    (differentiable) convolution.
+    (differentiable) convolution. The CPU form: oneDNN runs both directions natively.
 
     Autograd's generic double backward of a convolution does extra work for the weight
-    side even though the filter is a constant (on CPU, 2-4x the time of this form for a
-    128-channel filter). Written as the adjoint convolution, the second derivative (R1, path
-    length) runs the same depthwise kernels as the first derivative.
+    side even though the filter is a constant (several times the time of this form on
+    CPU; README, Performance). Written as the adjoint convolution, the second derivative
+    (R1, path length) runs the same depthwise kernels as the first derivative.
     """
 
     @staticmethod
@@ -155,6 +178,62 @@ class _DepthwiseFIR(torch.autograd.Function):
             ]
             grad_x = _fir_conv(grad, kernel, stride, padding, True, output_padding)
         return grad_x.to(x_dtype), None, None, None, None
+
+
+class _FirConv(torch.autograd.Function):
+    """y = depthwise FIR convolution of x (stride 1 or 2); its backward is `_FirAdjoint`,
+    whose backward is this again, so every derivative of any order runs one of two native
+    kernels. The CUDA form: cuDNN's grouped transposed convolution with one channel per
+    group (the adjoint `_DepthwiseFIR` uses) is a slow path; these avoid it. A stride-1
+    adjoint is the same filter, flipped, as a plain depthwise convolution; a stride-2
+    adjoint is the input gradient of the strided depthwise convolution, which PyTorch
+    computes with its own depthwise backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride: int, padding: int):
+        ctx.save_for_backward(kernel)
+        ctx.conf = (stride, padding, tuple(x.shape), x.dtype)
+        return F.conv2d(x, kernel, None, stride, padding, 1, kernel.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (kernel,) = ctx.saved_tensors
+        stride, padding, x_shape, x_dtype = ctx.conf
+        grad_x = _FirAdjoint.apply(grad, kernel.to(grad.dtype), stride, padding, x_shape)
+        return grad_x.to(x_dtype), None, None, None
+
+
+class _FirAdjoint(torch.autograd.Function):
+    """The adjoint of `_FirConv(·, kernel, stride, padding)` for inputs of `x_shape`."""
+
+    @staticmethod
+    def forward(ctx, g, kernel, stride: int, padding: int, x_shape: tuple[int, ...]):
+        ctx.save_for_backward(kernel)
+        ctx.conf = (stride, padding, g.dtype)
+        channels, k = kernel.shape[0], kernel.shape[-1]
+        if stride == 1:
+            return F.conv2d(g, kernel.flip(2, 3), None, 1, k - 1 - padding, 1, channels)
+        grad_input, _, _ = torch.ops.aten.convolution_backward(
+            g,
+            g.new_empty(x_shape),  # only its shape is read
+            kernel,
+            None,
+            [stride, stride],
+            [padding, padding],
+            [1, 1],
+            False,
+            [0, 0],
+            channels,
+            [True, False, False],
+        )
+        return grad_input
+
+    @staticmethod
+    def backward(ctx, grad):
+        (kernel,) = ctx.saved_tensors
+        stride, padding, g_dtype = ctx.conf
+        grad_g = _FirConv.apply(grad, kernel.to(grad.dtype), stride, padding)
+        return grad_g.to(g_dtype), None, None, None, None
 
 
 # ---------------------------------------------------------------------------- equalized LR

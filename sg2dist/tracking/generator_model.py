@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from sg2dist.model import Generator
 
 
+GENERATOR_MODEL_NAME = "generator"  # the name of the logged model in its run
+
+
 class GeneratorModel(PythonModel):
     """pyfunc wrapper of G_ema: one row per image, columns `seed` or `z`, optional `psi`
     (truncation, default 1) and `class_idx` (conditional models); returns uint8 images
@@ -122,9 +125,13 @@ def log_generator_model(
         config_file = Path(tmp, "model_config.json")
         config_file.write_text(json.dumps(dataclasses.asdict(model_cfg)))
         mlflow.set_tracking_uri(tracking_uri)  # Model.log reads the process-wide URI
+        # ... and files the model under the process-wide experiment ("Default" unless set),
+        # not the run's: set it, so the model shows (and is found) with its run.
+        run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
         info = Model.log(
             artifact_path=None,
-            name="generator",
+            name=GENERATOR_MODEL_NAME,
             flavor=mlflow.pyfunc,
             python_model=GeneratorModel(),
             artifacts={"weights": str(weights), "model_config": str(config_file)},

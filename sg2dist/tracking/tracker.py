@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
@@ -47,8 +47,9 @@ from mlflow.tracking import MlflowClient
 from sg2dist import storage
 from sg2dist.config import Config
 from sg2dist.errors import UserError
-from sg2dist.tracking import NullTracker
-from sg2dist.tracking.generator_model import log_generator_model
+from sg2dist.tracking import GENERATOR_TAG, NullTracker
+from sg2dist.tracking.generator_model import GENERATOR_MODEL_NAME, log_generator_model
+from sg2dist.tracking.names import mlflow_metric_name, score_metric_name
 from sg2dist.tracking.redact import flatten_config, redact, redact_text
 
 # Short HTTP timeouts so that a dead server blocks a training step for seconds, not the
@@ -312,15 +313,20 @@ class Tracker(NullTracker):
     # ------------------------------------------------------------------ what the trainer calls
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Scalars at an explicit `step` (kimg or images seen), so curves continue on resume."""
+        """Scalars at an explicit `step` (kimg or images seen), so curves continue on resume,
+        under their grouped MLflow names (loss_G -> loss/G: names.py)."""
         timestamp_ms = int(time.time() * 1000)
         self._pending_metrics += [
-            Metric(key, float(value), timestamp_ms, int(step)) for key, value in metrics.items()
+            Metric(mlflow_metric_name(key), float(value), timestamp_ms, int(step))
+            for key, value in metrics.items()
         ]
         overflow = len(self._pending_metrics) - _MAX_PENDING_METRICS
         if overflow > 0:
             del self._pending_metrics[:overflow]
         self._flush()
+
+    def log_scores(self, scores: dict[str, float], step: int) -> None:
+        self.log_metrics({score_metric_name(name): value for name, value in scores.items()}, step)
 
     def set_tag(self, key: str, value: str) -> None:
         self._pending_tags[key] = redact(key, value)
@@ -350,6 +356,42 @@ class Tracker(NullTracker):
         with _env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(_MODEL_UPLOAD_TIMEOUT_S)}):
             self._call(log_generator)
         return model_uri
+
+    def log_file(self, local_path: str, artifact_folder: str) -> str:
+        """One file (e.g. an exported ONNX model) as an artifact; its `runs:/` URI, "" when
+        MLflow failed."""
+        self._offline_until, self._last_warning = 0.0, -float("inf")
+        with _env({"MLFLOW_HTTP_REQUEST_TIMEOUT": str(_MODEL_UPLOAD_TIMEOUT_S)}):
+            outcome = self._call(
+                self._client.log_artifact, self.run_id, local_path, artifact_folder
+            )
+        if outcome != SENT:
+            return ""
+        return f"runs:/{self.run_id}/{artifact_folder}/{Path(local_path).name}"
+
+    def logged_generator_uri(self) -> str:
+        """The run's `generator_model_uri` tag, else the URI of a complete (READY) generator
+        model logged by this run: a run killed after the upload but before the tag, then
+        restarted, must set the tag, not upload a second model. "" when there is none, or
+        when MLflow does not answer (then the model is logged again, which is harmless)."""
+        found: list[str] = []
+
+        def find_generator_model() -> None:
+            run = self._client.get_run(self.run_id)
+            if run.data.tags.get(GENERATOR_TAG):
+                found.append(run.data.tags[GENERATOR_TAG])
+                return
+            models = self._client.search_logged_models(
+                [run.info.experiment_id], filter_string=f"source_run_id = '{self.run_id}'"
+            )
+            found.extend(
+                m.model_uri
+                for m in models
+                if m.name == GENERATOR_MODEL_NAME and m.status == LoggedModelStatus.READY
+            )
+
+        self._call(find_generator_model)
+        return found[0] if found else ""
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush, stop system metrics, mark the run FINISHED / FAILED / KILLED."""

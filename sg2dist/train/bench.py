@@ -8,9 +8,12 @@ the networks and the step, not the data loader (`sg2dist bench data` does that).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -19,10 +22,11 @@ import torch
 from sg2dist.augment import initial_state
 from sg2dist.config import Config, load_config
 from sg2dist.train.build import build_nets, build_step_context, make_accelerator
-from sg2dist.train.step import StepState, train_step, update_ema
+from sg2dist.train.step import StepContext, StepState, train_step, update_ema
 
 PRECISION_MODES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # bench name -> config value
 CYCLE_STEPS = 16
+TOP_KERNELS = 25  # rows of the profiler table
 
 
 @dataclass(frozen=True)
@@ -61,8 +65,48 @@ def bench_config(settings: StepBenchSettings) -> Config:
     )
 
 
-def run_step_bench(settings: StepBenchSettings) -> dict[str, float]:
-    """sec_per_iter, img_per_s, peak_rss_gib (and cuda_max_allocated_gib on a GPU)."""
+@dataclass
+class PhaseProfile:
+    """Where one 16-iteration cycle spends its time (`sg2dist bench step --profile`)."""
+
+    ms_per_call: dict[str, float]  # phase or optimizer step -> mean milliseconds per call
+    calls_per_cycle: dict[str, int]
+    top_kernels: str  # torch.profiler's table of the most expensive operators / kernels
+
+    def ms_per_iter(self, name: str) -> float:
+        return self.ms_per_call[name] * self.calls_per_cycle[name] / CYCLE_STEPS
+
+
+class PhaseTimer:
+    """`StepContext.phase_timer`: wall milliseconds per named span. Synchronises the device
+    before and after each span (it is for profiling only: the syncs cost time)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.total_ms: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        with torch.profiler.record_function(name):
+            yield
+        self._sync()
+        self.total_ms[name] += (time.perf_counter() - start) * 1000
+        self.calls[name] += 1
+
+
+def run_step_bench(
+    settings: StepBenchSettings, *, profile: bool = False
+) -> tuple[dict[str, float], PhaseProfile | None]:
+    """(figures, profile): sec_per_iter, img_per_s, peak_rss_gib (and cuda_max_allocated_gib
+    on a GPU) over `settings.cycles` timed cycles; with `profile`, one more cycle timed per
+    phase and one under torch.profiler, after the timed ones (they do not change them)."""
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sg2dist bench: --device cuda but no CUDA GPU is visible")
     if settings.device == "cpu" and torch.cuda.is_available():
@@ -77,7 +121,7 @@ def run_step_bench(settings: StepBenchSettings) -> dict[str, float]:
         nets.G_ddp = cast(torch.nn.Module, torch.compile(nets.G_ddp))
         nets.D_ddp = cast(torch.nn.Module, torch.compile(nets.D_ddp))
     ctx = build_step_context(cfg, acc)
-    state = StepState(augment=initial_state(cfg.augment))
+    state = StepState.on(acc.device, initial_state(cfg.augment))
     batch = settings.batch
     shape = (batch, settings.channels, settings.resolution, settings.resolution)
     reals = [
@@ -87,14 +131,15 @@ def run_step_bench(settings: StepBenchSettings) -> dict[str, float]:
     def cycle(first_step: int) -> None:
         for step in range(first_step, first_step + CYCLE_STEPS):
             train_step(ctx, nets, state, step, reals)
-            update_ema(
-                nets.G_ema,
-                nets.G_net,
-                cur_nimg=(step + 1) * batch,
-                batch=batch,
-                ema_kimg=10,
-                ema_rampup=None,
-            )
+            with ctx.phase_timer("ema"):
+                update_ema(
+                    nets.G_ema,
+                    nets.G_net,
+                    cur_nimg=(step + 1) * batch,
+                    batch=batch,
+                    ema_kimg=10,
+                    ema_rampup=None,
+                )
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -105,11 +150,39 @@ def run_step_bench(settings: StepBenchSettings) -> dict[str, float]:
     for c in range(settings.cycles):
         cycle(CYCLE_STEPS * (c + 1))
     sec_per_iter = (time.perf_counter() - start) / (CYCLE_STEPS * settings.cycles)
-    result = {
+    figures = {
         "sec_per_iter": sec_per_iter,
         "img_per_s": batch / sec_per_iter,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     if acc.device.type == "cuda":
-        result["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
+        figures["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if not profile:
+        return figures, None
+    next_step = CYCLE_STEPS * (settings.cycles + 1)
+    return figures, profile_cycles(ctx, acc.device, cycle, next_step)
+
+
+def profile_cycles(
+    ctx: StepContext, device: torch.device, cycle: Callable[[int], None], first_step: int
+) -> PhaseProfile:
+    """One cycle with every phase timed alone, then one under torch.profiler."""
+    timer = PhaseTimer(device)
+    ctx.phase_timer = timer
+    cycle(first_step)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    ctx.phase_timer = _record_only
+    with torch.profiler.profile(activities=activities) as prof:
+        cycle(first_step + CYCLE_STEPS)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=TOP_KERNELS)
+    ms_per_call = {name: timer.total_ms[name] / timer.calls[name] for name in timer.calls}
+    return PhaseProfile(ms_per_call, dict(timer.calls), table)
+
+
+@contextlib.contextmanager
+def _record_only(name: str) -> Iterator[None]:
+    with torch.profiler.record_function(name):
+        yield

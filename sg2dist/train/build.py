@@ -1,9 +1,9 @@
 """Everything a run is made of, built from the config before the first step.
 
 `build_session(cfg, resume=..., init_from=...)` makes the Accelerator, resolves the
-dataset, builds G, D, G_ema and their optimizers, restores a checkpoint (or loads
---init-from weights), starts the data stream where the checkpoint left it and opens
-the MLflow run. The loop (loop.py) only runs what this returns.
+dataset, builds G, D, G_ema and their optimizers (D's first train.freeze_d layers frozen),
+restores a checkpoint (or loads --init-from weights), starts the data stream where the
+checkpoint left it and opens the MLflow run. The loop (loop.py) only runs what this returns.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from accelerate.utils import (
 
 from sg2dist import __version__, storage
 from sg2dist.augment import Augmenter, AugmentState, initial_state
-from sg2dist.config import P_FROM_CHECKPOINT, Config, dump_config
+from sg2dist.config import P_FROM_CHECKPOINT, Config, RunConfig, dump_config
 from sg2dist.data import (
     Manifest,
     StreamLoader,
@@ -39,6 +39,7 @@ from sg2dist.model.layers import use_conv_layout_
 from sg2dist.tracking import NullTracker, start_tracker
 from sg2dist.train import checkpoint as ckpt
 from sg2dist.train.loss import lazy_adam_hparams
+from sg2dist.train.peers import Peers, collective_timeout_s, nccl_environment
 from sg2dist.train.step import Nets, StepContext, StepState, phase_table
 
 
@@ -57,7 +58,10 @@ class Session:
     loader: StreamLoader  # this rank's batches; loader.state is what the loop consumed
     manifest: Manifest
     tracker: NullTracker
+    peers: Peers  # heartbeats, and the store waits for rank 0's long work (peers.py)
     stop_requested: bool = False  # set by a signal handler on this rank
+    stop_deadline: float | None = None  # time.monotonic() by which a stop checkpoint must land
+    checkpoint_failures: int = 0  # snapshots whose checkpoint could not be written (S3 down)
     data_wait_s: float = 0.0  # seconds spent waiting for batches since the last tick
 
     @property
@@ -69,16 +73,24 @@ class Session:
         return fn(*args, **kwargs) if self.is_main else None
 
 
-def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
-    accelerator = make_accelerator(cfg.train.precision)
+def build_session(cfg: Config, *, resume: str, init_from: ckpt.Checkpoint | None = None) -> Session:
+    """`init_from`: the --init-from checkpoint (or imported pickle), already read, whose model
+    config `cfg.model` was taken from (config.load_config(model_from=...))."""
+    accelerator = make_accelerator(cfg.train.precision, cfg.run.peer_timeout_s)
+    peers = Peers(
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        peer_timeout_s=cfg.run.peer_timeout_s,
+    )
+    peers.start()  # from here on, a rank that freezes is named within run.peer_timeout_s
     batch_gpu, accum = cfg.train.batch_layout(accelerator.num_processes)
     manifest = resolve_dataset(cfg, accelerator)
     nets = build_nets(cfg, accelerator)
     ctx = build_step_context(cfg, accelerator)
     progress = ckpt.Progress(next_snapshot_nimg=snapshot_nimg(cfg))
-    step_state = StepState()
-    checkpoint = find_resume_checkpoint(cfg, resume)
-    data_state, run_id, init_meta = None, None, None
+    step_state = StepState.on(accelerator.device)
+    checkpoint = find_checkpoint_retrying(cfg, resume)
+    data_state, run_id = None, None
     if checkpoint is not None:
         data_state = ckpt.restore_training(
             checkpoint,
@@ -97,12 +109,12 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
             + ("" if checkpoint.meta["world_size"] == accelerator.num_processes else restarted),
             flush=True,
         )
-    elif init_from:
-        init_meta = ckpt.load_weights(init_from, nets)
+    elif init_from is not None:
+        ckpt.load_weights(init_from, nets)
     if checkpoint is None or "augment" not in checkpoint.meta:
-        source = checkpoint.url if checkpoint is not None else init_from
+        start = checkpoint if checkpoint is not None else init_from
         step_state.augment = initial_augment(
-            cfg, checkpoint.meta if checkpoint else init_meta, source
+            cfg, start.meta if start else None, start.url if start else ""
         )
     elif cfg.augment.mode == "fixed" and cfg.augment.initial_p is not None:
         step_state.augment.p = cfg.augment.initial_p  # fixed: the config's p, even on resume
@@ -117,6 +129,8 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
         shuffle_buffer=cfg.data.shuffle_buffer,
         use_labels=cfg.data.use_labels,
         state=data_state,
+        # Page-locked batches let the host-to-GPU copy run asynchronously (non_blocking).
+        pin_memory=accelerator.device.type == "cuda",
     )
     session = Session(
         cfg=cfg,
@@ -130,23 +144,35 @@ def build_session(cfg: Config, *, resume: str, init_from: str) -> Session:
         loader=loader,
         manifest=manifest,
         tracker=build_tracker(cfg, accelerator, run_id, manifest),
+        peers=peers,
+        checkpoint_failures=int(checkpoint.meta.get("checkpoint_failures", 0)) if checkpoint else 0,
     )
     session.on_main(storage.write_text, storage.join(cfg.run.dir, "config.yaml"), dump_config(cfg))
     return session
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(
+    precision: str, peer_timeout_s: float = RunConfig.peer_timeout_s
+) -> Accelerator:
     use_cuda = torch.cuda.is_available()
     if precision == "auto":
         precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and not use_cuda:
         raise UserError("train.precision=fp16 needs a CUDA GPU; use no or bf16 on CPU")
+    if use_cuda:
+        # Every step has the same shapes: let cuDNN time its algorithms once and keep the
+        # fastest (as the official training loop does).
+        torch.backends.cudnn.benchmark = True
     handlers = [
         # w_avg and noise buffers are not trained; broadcasting them every forward only costs time.
         DistributedDataParallelKwargs(broadcast_buffers=False),
-        # Rank 0 alone computes metrics and writes checkpoints while the others wait.
-        InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2)),
+        # Short: rank 0's long work is waited for in the store, not in collectives (peers.py).
+        InitProcessGroupKwargs(
+            timeout=datetime.timedelta(seconds=collective_timeout_s(peer_timeout_s))
+        ),
     ]
+    for key, value in nccl_environment(peer_timeout_s).items():
+        os.environ.setdefault(key, value)  # read when the process group starts; user's win
     return Accelerator(mixed_precision=precision, cpu=not use_cuda, kwargs_handlers=handlers)
 
 
@@ -164,6 +190,11 @@ def resolve_dataset(cfg: Config, accelerator: Accelerator) -> Manifest:
                 f"data.use_labels=true but {cfg.data.url} has no labels; set it to false"
             )
         cfg.model.c_dim = manifest.c_dim
+    elif cfg.model.c_dim > 0:
+        raise UserError(
+            f"model.c_dim={cfg.model.c_dim} (a conditional model) needs labels; set "
+            "data.use_labels=true with a dataset of that many classes"
+        )
     return manifest
 
 
@@ -183,12 +214,14 @@ def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
     G, D = build_networks(cfg.model)
     G, D = use_conv_layout_(G, accelerator.device), use_conv_layout_(D, accelerator.device)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False).to(accelerator.device)
+    # Frozen before DDP wraps D: its reducer then leaves the frozen layers out.
+    D_params = freeze_d_layers(D, cfg.train.freeze_d)
     t = cfg.train
     g_lr, g_betas = lazy_adam_hparams(t.g_lr, t.betas, t.pl_interval if t.pl_weight > 0 else 0)
     d_lr, d_betas = lazy_adam_hparams(t.d_lr, t.betas, t.r1_interval if t.r1_gamma > 0 else 0)
     # fused: one kernel for all parameters instead of ~10 ops per tensor (CPU and CUDA).
     G_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=g_betas, eps=t.eps, fused=True)
-    D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=t.eps, fused=True)
+    D_opt = torch.optim.Adam(D_params, lr=d_lr, betas=d_betas, eps=t.eps, fused=True)
     G_ddp, D_ddp, G_opt, D_opt = accelerator.prepare(G, D, G_opt, D_opt)
     return Nets(
         G_ddp=G_ddp,
@@ -199,6 +232,20 @@ def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
         G_opt=G_opt,
         D_opt=D_opt,
     )
+
+
+def freeze_d_layers(D: Discriminator, freeze_d: int) -> list[torch.nn.Parameter]:
+    """Freeze-D: D's first `freeze_d` layers from the top resolution get no gradients; returns
+    the parameters that are trained (the optimizer's)."""
+    layers = D.layers_from_top()
+    if freeze_d > len(layers):
+        raise UserError(
+            f"train.freeze_d={freeze_d}, but D has {len(layers)} layers that can be frozen "
+            f"(fromRGB and 3 per block above 4x4); use at most {len(layers)}"
+        )
+    for layer in layers[:freeze_d]:
+        layer.requires_grad_(False)
+    return [p for p in D.parameters() if p.requires_grad]
 
 
 def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
@@ -244,6 +291,21 @@ def initial_augment(cfg: Config, meta: dict | None, source: str) -> AugmentState
             f"official pickle, {fix}"
         )
     return initial_state(cfg.augment, imported_p)
+
+
+def find_checkpoint_retrying(cfg: Config, resume: str) -> ckpt.Checkpoint | None:
+    """The checkpoint to resume from. An S3 outage at start must neither fail the Job for good
+    (exit 2) nor start over an existing run: retry, then exit with the retryable code."""
+    try:
+        return storage.retry_unavailable(
+            lambda: find_resume_checkpoint(cfg, resume),
+            what=f"reading the checkpoints of {cfg.run.dir}",
+            budget_s=cfg.run.storage_retry_s,
+        )
+    except storage.StorageUnavailableError as exc:
+        raise storage.StorageUnavailableError(
+            f"{exc}; nothing was started: exit 75, so the job tries again"
+        ) from None
 
 
 def find_resume_checkpoint(cfg: Config, resume: str) -> ckpt.Checkpoint | None:

@@ -17,6 +17,11 @@ RNG state of every rank (state.pt); the loop counters, pl_mean, skipped steps, A
 and r_t accumulator, every rank's data stream position, the MLflow run id and the resolved
 config (meta.json).
 That is everything needed to continue exactly as if never interrupted.
+
+An official network pickle (`sg2dist import`, or a .pkl / https:// URL wherever a checkpoint
+URL is taken) becomes a weights-only checkpoint (`imported_contents`): G, D, G_ema and the
+inferred config, with what the pickle says about its training under meta.json "imported".
+It can start a run (--init-from) but not resume one.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sg2dist import __version__, storage
-from sg2dist.config import Config, config_from_dict
+from sg2dist import __version__, interop, storage
+from sg2dist.config import Config, ModelConfig, config_from_dict
 from sg2dist.errors import UserError
 from sg2dist.train.step import Nets, StepState
 
@@ -78,9 +83,15 @@ def folder_name(cur_nimg: int) -> str:
 
 
 def save_checkpoint(
-    run_dir: str, cur_nimg: int, state: dict[str, Any], meta: dict[str, Any]
+    run_dir: str, cur_nimg: int, state: dict[str, Any], meta: dict[str, Any], *, retry_s: float = 0
 ) -> str:
-    """Write state.pt, then meta.json, then the `latest` pointer. Main process only."""
+    """Write state.pt, then meta.json, then the `latest` pointer. Main process only.
+
+    While S3 is unreachable the three writes are tried again as one, for up to `retry_s`
+    (storage.retry_unavailable); then StorageUnavailableError. A failed attempt leaves at
+    most a folder without a matching meta.json, never read as a checkpoint, or a complete
+    one that `latest` does not name yet.
+    """
     buffer = io.BytesIO()
     torch.save(state, buffer)
     state_bytes = buffer.getvalue()
@@ -90,21 +101,32 @@ def save_checkpoint(
         state_sha256=hashlib.sha256(state_bytes).hexdigest(),
         state_bytes=len(state_bytes),
     )
-    storage.write_bytes(storage.join(folder, STATE_FILE), state_bytes)
-    _failpoint("checkpoint-after-state")
-    storage.write_text(storage.join(folder, META_FILE), json.dumps(meta, indent=1, sort_keys=True))
-    storage.write_text(storage.join(checkpoints_url(run_dir), POINTER_FILE), folder_name(cur_nimg))
+    meta_text = json.dumps(meta, indent=1, sort_keys=True)
+
+    def write_folder() -> None:
+        storage.write_bytes(storage.join(folder, STATE_FILE), state_bytes)
+        failpoint("checkpoint-after-state")
+        storage.write_text(storage.join(folder, META_FILE), meta_text)
+        storage.write_text(
+            storage.join(checkpoints_url(run_dir), POINTER_FILE), folder_name(cur_nimg)
+        )
+
+    failpoint("checkpoint-before-write")
+    storage.retry_unavailable(write_folder, what=f"writing checkpoint {folder}", budget_s=retry_s)
     return folder
 
 
-def _failpoint(name: str) -> None:
-    """SIGKILL this process here when SG2DIST_FAILPOINT names this point.
+def failpoint(name: str) -> None:
+    """Stop this process here when SG2DIST_FAILPOINT names this point.
 
-    Crash tests use it to die exactly between two writes of a checkpoint, which a
-    timed `kill -9` would hit only by luck.
+    `SG2DIST_FAILPOINT=NAME` kills it (SIGKILL); `NAME:stop` suspends it (SIGSTOP) until a
+    SIGCONT, every time it passes. Fault tests use it to die exactly between two writes, or
+    to take S3 away exactly while a checkpoint is due, which a timed signal would hit only
+    by luck.
     """
-    if os.environ.get("SG2DIST_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    wanted, _, action = os.environ.get("SG2DIST_FAILPOINT", "").partition(":")
+    if wanted == name:
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
 def _read_verified(folder: str) -> Checkpoint | None:
@@ -151,7 +173,11 @@ def find_latest(run_dir: str) -> Checkpoint | None:
 
 
 def load_checkpoint(url: str) -> Checkpoint:
-    """A run folder (its latest checkpoint) or one step folder; one clear error if neither."""
+    """A run folder (its latest checkpoint) or one step folder; one clear error if neither.
+    An official network pickle (.pkl or http(s) URL) is imported in memory."""
+    if interop.is_network_pickle(url):
+        state, meta = imported_contents(interop.read_network_pickle(url))
+        return Checkpoint(url=storage.display_url(url), state=state, meta=meta)
     url = url.rstrip("/")
     if storage.exists(storage.join(url, META_FILE)):
         checkpoint = _read_verified(url)
@@ -203,6 +229,32 @@ def load_generator(
     return G_ema.eval().requires_grad_(False).to(device), cfg, checkpoint.meta
 
 
+def imported_contents(
+    imported: interop.ImportedNetworks, run_dir: str = ""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, meta) of a weights-only checkpoint made from an official network pickle (to
+    be saved into `run_dir`, if given)."""
+    cfg = Config()
+    cfg.run.dir = run_dir or cfg.run.dir
+    cfg.model = imported.model
+    cfg.data.use_labels = imported.model.c_dim > 0
+    cfg.data.mirror = bool(imported.info.get("xflip"))
+    cfg.validate()
+    state = {"G": imported.G, "D": imported.D, "G_ema": imported.G_ema}
+    meta = {
+        "format": FORMAT,
+        "sg2dist_version": __version__,
+        "config": cfg.to_dict(),
+        "imported": imported.info,
+    }
+    return state, meta
+
+
+def source_model(checkpoint: Checkpoint) -> ModelConfig:
+    """The model config of the run or pickle that --init-from names."""
+    return config_from_dict(checkpoint.meta["config"]).model
+
+
 # ---------------------------------------------------------------------------- training contents
 
 
@@ -216,6 +268,7 @@ def training_contents(
     rng_cpu: list[torch.Tensor],
     data_states: list[dict[str, Any]],
     mlflow_run_id: str | None,
+    checkpoint_failures: int = 0,
     augment: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a training checkpoint. `rng_cpu` and `data_states` hold one entry
@@ -234,11 +287,12 @@ def training_contents(
         "format": FORMAT,
         "sg2dist_version": __version__,
         "progress": dataclasses.asdict(progress),
-        "pl_mean": step_state.pl_mean,
-        "skipped_steps": step_state.skipped_steps,
+        "pl_mean": float(step_state.pl_mean),
+        "skipped_steps": int(step_state.skipped_steps),
         "world_size": len(rng_cpu),
         "data_states": data_states,
         "mlflow_run_id": mlflow_run_id,
+        "checkpoint_failures": checkpoint_failures,  # absent in older checkpoints: 0
         "config": cfg.to_dict(),
     }
     if augment is not None:
@@ -260,10 +314,23 @@ def restore_training(
     """Load every piece of `training_contents` into the given parts; returns this rank's
     data stream state (None when the world size changed: the stream restarts)."""
     meta, state = checkpoint.meta, checkpoint.state
-    if meta["config"]["model"] != dataclasses.asdict(cfg.model):
+    if "G_opt" not in state:
+        raise UserError(
+            f"checkpoint {checkpoint.url} holds weights only (an imported network); "
+            f"start a new run.dir with --init-from {checkpoint.url}"
+        )
+    # Through config_from_dict: keys added since the checkpoint was written get defaults.
+    trained = config_from_dict(meta["config"])
+    if trained.model != cfg.model:
         raise UserError(
             f"checkpoint {checkpoint.url} was trained with a different model config; "
             "use a new run.dir, or --init-from to fine-tune its weights"
+        )
+    if trained.train.freeze_d != cfg.train.freeze_d:
+        raise UserError(
+            f"checkpoint {checkpoint.url} was trained with train.freeze_d="
+            f"{trained.train.freeze_d}; resume with the same value (its D optimizer holds "
+            "the unfrozen layers only)"
         )
     nets.G_net.load_state_dict(state["G"])
     nets.D_net.load_state_dict(state["D"])
@@ -274,8 +341,8 @@ def restore_training(
         scaler.load_state_dict(state["scaler"])
     for key in dataclasses.asdict(progress):
         setattr(progress, key, int(meta["progress"][key]))
-    step_state.pl_mean = float(meta["pl_mean"])
-    step_state.skipped_steps = int(meta["skipped_steps"])
+    step_state.pl_mean.fill_(float(meta["pl_mean"]))
+    step_state.skipped_steps.fill_(int(meta["skipped_steps"]))
     if "augment" in meta:  # absent in checkpoints written before augmentation existed
         step_state.augment.load_dict(meta["augment"])
     if meta["world_size"] != world_size:
@@ -294,18 +361,16 @@ def imported_augment_p(meta: dict[str, Any]) -> float | None:
     return None
 
 
-def load_weights(url: str, nets: Nets) -> dict[str, Any]:
-    """--init-from: G, D and G_ema weights for fine-tuning; counters and optimizers start fresh.
-    Returns the checkpoint's meta.json."""
-    checkpoint = load_checkpoint(url)
+def load_weights(checkpoint: Checkpoint, nets: Nets) -> None:
+    """--init-from: G, D and G_ema weights (w_avg included) for fine-tuning; counters and
+    optimizers start fresh."""
     try:
         nets.G_net.load_state_dict(checkpoint.state["G"])
         nets.D_net.load_state_dict(checkpoint.state["D"])
         nets.G_ema.load_state_dict(checkpoint.state["G_ema"])
     except RuntimeError as exc:
         raise UserError(
-            f"--init-from {url}: its networks do not match model.* of this config "
+            f"--init-from {checkpoint.url}: its networks do not match model.* of this config "
             f"({str(exc)[:120]}...); "
             "use the same model settings as that run"
         ) from None
-    return checkpoint.meta

@@ -19,6 +19,7 @@ reducer is not armed for a backward that never reaches it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -159,21 +160,35 @@ def path_lengths(G_ddp, gen_z, gen_c, style_mixing_prob: float, scale: Scaler = 
     return lengths, gen_img
 
 
-def pl_loss(lengths, gen_img, *, pl_mean: float, pl_weight: float, gain: float):
+def pl_loss(lengths, gen_img, *, pl_mean: float | torch.Tensor, pl_weight: float, gain: float):
     """Path length penalty (lengths - pl_mean)^2 * pl_weight, times the lazy interval `gain`.
 
     `pl_mean` is the running mean from before this phase; the loop updates it once per
     phase from the mean over the whole global batch, so the result does not depend on
     how the batch is split over ranks and micro-batches.
     """
+    # A float64 scalar pl_mean meets float32 lengths as float32, as a Python float would.
     pl_penalty = (lengths - pl_mean).square()
     # `gen_img[:, 0, 0, 0] * 0`: see r1_loss, keeps DDP's reducer complete.
     loss = (gen_img[:, 0, 0, 0].float() * 0 + pl_penalty * pl_weight).mean() * gain
     return loss, {"loss_pl": pl_penalty.detach().mean(), "pl_length": lengths.detach().mean()}
 
 
-def update_pl_mean(pl_mean: float, batch_mean_length: float, pl_decay: float) -> float:
-    """Exponential moving average of path lengths (decay 0.01 in the paper)."""
+@overload
+def update_pl_mean(pl_mean: float, batch_mean_length: float, pl_decay: float) -> float: ...
+
+
+@overload
+def update_pl_mean(
+    pl_mean: torch.Tensor, batch_mean_length: float | torch.Tensor, pl_decay: float
+) -> torch.Tensor: ...
+
+
+def update_pl_mean(
+    pl_mean: float | torch.Tensor, batch_mean_length: float | torch.Tensor, pl_decay: float
+) -> float | torch.Tensor:
+    """Exponential moving average of path lengths (decay 0.01 in the paper); in float64 when
+    pl_mean is a float64 tensor, so a float32 batch mean is widened exactly, as float() did."""
     return pl_mean + (batch_mean_length - pl_mean) * pl_decay
 
 

@@ -79,6 +79,10 @@ class Nets:
     D_reg_ddp: torch.nn.Module | None = None
 
 
+def _untimed(_name: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 @dataclass
 class StepContext:
     """What a step needs besides the networks: config, layout, precision hooks."""
@@ -94,19 +98,34 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     mbstd_group: int = 4  # D's minibatch-stddev group (model.mbstd_group)
     augmenter: Augmenter | None = None  # what D's inputs go through (None: nothing)
+    # Wraps each phase and each optimizer step, named "Gmain".."Dreg", "opt_G", "opt_D":
+    # `sg2dist bench step --profile` times them; training leaves it a no-op.
+    phase_timer: Callable[[str], AbstractContextManager[Any]] = field(default=_untimed)
     # Per-phase loss statistics since the last tick; device tensors, so no sync per step.
     stats: dict[str, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
 
 @dataclass
 class StepState:
-    """What one step hands to the next. pl_mean, skipped_steps and augment are
-    checkpointed; a resumed run starts a fresh streak of non-finite steps."""
+    """What one step hands to the next, kept on the training device: a step never reads a
+    device value on the host, which would stall the queue of GPU work behind it (a sync).
+    The loop reads them at ticks, snapshots and every few steps. pl_mean, skipped_steps
+    and augment are checkpointed; a resumed run starts a fresh streak of non-finite steps."""
 
-    pl_mean: float = 0.0  # running mean of path lengths
-    skipped_steps: int = 0  # steps skipped for non-finite gradients, in all
-    nonfinite_in_row: int = 0  # ... and in a row, up to the last step
+    pl_mean: torch.Tensor  # float64 scalar: running mean of path lengths
+    skipped_steps: torch.Tensor  # int64 scalar: steps skipped for non-finite gradients, in all
+    nonfinite_in_row: torch.Tensor  # int64 scalar: ... and in a row, up to the last step
     augment: AugmentState = field(default_factory=AugmentState)  # ADA's p and r_t accumulator
+
+    @classmethod
+    def on(cls, device: torch.device | str, augment: AugmentState | None = None) -> StepState:
+        # float64: the running mean has the precision of the Python float it replaced.
+        return cls(
+            pl_mean=torch.zeros((), dtype=torch.float64, device=device),
+            skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
+            nonfinite_in_row=torch.zeros((), dtype=torch.int64, device=device),
+            augment=augment if augment is not None else AugmentState(),
+        )
 
 
 def _scale_fn(ctx: StepContext):
@@ -117,7 +136,7 @@ def _phase_passes(
     ctx: StepContext,
     nets: Nets,
     phase: Phase,
-    pl_mean: float,
+    pl_mean: torch.Tensor,
     real_img,
     real_c,
     gen_z,
@@ -153,7 +172,7 @@ def _phase_passes(
                     mix,
                     ctx.mbstd_group,
                     aug,
-                )  # fmt: skip
+                )
             ]
         return [
             lambda: L.d_fake_loss(nets.G_net, nets.D_ddp, gen_z, gen_c, mix, aug),
@@ -174,12 +193,19 @@ def _phase_passes(
     raise ValueError(f"unknown phase {phase.name}")
 
 
-def _grads_finite(module: torch.nn.Module) -> bool:
+def _set_trained(opt: torch.optim.Optimizer, requires_grad: bool) -> None:
+    for group in opt.param_groups:
+        for param in group["params"]:
+            param.requires_grad_(requires_grad)
+
+
+def _nonfinite_grads(module: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """A bool device scalar: does any gradient of `module` hold inf or nan? No host sync."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return True
+        return torch.zeros((), dtype=torch.bool, device=device)
     # One fused norm per tensor; inf or nan anywhere makes its norm non-finite.
-    return bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    return ~torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
 
 # micro_seed's extra argument for the augmentation generator: a stream of its own, so the
@@ -199,8 +225,9 @@ def _run_phase(
     is_G = phase.net == "G"
     ddp, opt = (nets.G_ddp, nets.G_opt) if is_G else (nets.D_ddp, nets.D_opt)
     # Only the trained network builds parameter gradients; the other is a fixed function.
-    nets.G_net.requires_grad_(is_G)
-    nets.D_net.requires_grad_(not is_G)
+    # Switched through the optimizers: layers frozen by Freeze-D (in no optimizer) stay off.
+    _set_trained(nets.G_opt, is_G)
+    _set_trained(nets.D_opt, not is_G)
     opt.zero_grad(set_to_none=True)
     num_rounds = len(micro_batches)
     phase_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -227,44 +254,56 @@ def _run_phase(
     return opt, phase_stats
 
 
-def _step_optimizer(ctx: StepContext, nets: Nets, opt, is_G: bool) -> bool:
-    """Step unless gradients are non-finite; True if the step was taken."""
+def _step_optimizer(
+    ctx: StepContext, nets: Nets, opt, is_G: bool, device: torch.device
+) -> torch.Tensor:
+    """Step unless gradients are non-finite; a bool device scalar, True if skipped."""
     if ctx.scaler is not None:
-        # fp16: the shared GradScaler detects inf/nan, skips the step and lowers its scale.
+        # fp16: the shared GradScaler detects inf/nan, skips the step and lowers its scale
+        # (accelerate reads the outcome on the host: fp16 keeps that sync).
         opt.step()
-        return not getattr(opt, "step_was_skipped", False)
-    if not _grads_finite(nets.G_net if is_G else nets.D_net):
-        opt.zero_grad(set_to_none=True)
-        return False
-    opt.step()
-    return True
+        return torch.tensor(bool(getattr(opt, "step_was_skipped", False)), device=device)
+    skipped = _nonfinite_grads(nets.G_net if is_G else nets.D_net, device)
+    # Fused Adam takes the GradScaler's `found_inf` protocol: with found_inf = 1 it leaves
+    # parameters, moments and step counts as they were, decided on the device, where a
+    # host-side `if` would wait for the gradients (a sync) in every phase.
+    inner = getattr(opt, "optimizer", opt)  # under accelerate's AcceleratedOptimizer
+    if not getattr(inner, "_step_supports_amp_scaling", False):
+        raise TypeError(f"{type(inner).__name__} cannot skip a step on the device; use fused Adam")
+    inner.found_inf, inner.grad_scale = skipped.float(), None
+    try:
+        opt.step()
+    finally:
+        del inner.found_inf, inner.grad_scale
+    return skipped
 
 
 def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_batches) -> None:
     """Run every phase due at `step` on `micro_batches` [(real_img float NCHW, real_c)]."""
-    any_skipped = False
+    device = state.skipped_steps.device
+    any_skipped = torch.zeros((), dtype=torch.bool, device=device)
     for phase_idx, phase in enumerate(ctx.phases):
         if step % phase.interval != 0:
             continue
-        opt, phase_stats = _run_phase(ctx, nets, phase, state, step, phase_idx, micro_batches)
-        if ctx.augmenter is not None and "augment_rt" in phase_stats:
-            ctx.augmenter.observe(state.augment, phase_stats["augment_rt"])
-        if phase.name == "Greg":
-            # One pl_mean update per phase from the global batch: independent of the layout.
-            global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
-            state.pl_mean = L.update_pl_mean(
-                state.pl_mean, float(global_length), ctx.train.pl_decay
-            )
-        any_skipped |= not _step_optimizer(ctx, nets, opt, is_G=phase.net == "G")
+        with ctx.phase_timer(phase.name):
+            opt, phase_stats = _run_phase(ctx, nets, phase, state, step, phase_idx, micro_batches)
+            if ctx.augmenter is not None and "augment_rt" in phase_stats:
+                ctx.augmenter.observe(state.augment, phase_stats["augment_rt"])
+            if phase.name == "Greg":
+                # One pl_mean update per phase from the global batch: independent of the layout.
+                global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
+                state.pl_mean = L.update_pl_mean(state.pl_mean, global_length, ctx.train.pl_decay)
+        with ctx.phase_timer(f"opt_{phase.net}"):
+            any_skipped |= _step_optimizer(ctx, nets, opt, phase.net == "G", device)
         # Stats stay local tensors until the tick: no device sync per phase.
         for key, values in phase_stats.items():
             ctx.stats[key].append(torch.stack(values).mean())
-    state.nonfinite_in_row = state.nonfinite_in_row + 1 if any_skipped else 0
-    state.skipped_steps += int(any_skipped)
+    state.nonfinite_in_row = (state.nonfinite_in_row + 1) * any_skipped
+    state.skipped_steps = state.skipped_steps + any_skipped
     if ctx.augmenter is not None:
         ctx.augmenter.after_step(state.augment, step + 1, ctx.reduce_mean)
-    nets.G_net.requires_grad_(False)
-    nets.D_net.requires_grad_(False)
+    _set_trained(nets.G_opt, False)
+    _set_trained(nets.D_opt, False)
 
 
 def collect_stats(ctx: StepContext) -> dict[str, float]:

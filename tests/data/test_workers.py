@@ -41,19 +41,28 @@ def test_workers_started_by_forkserver_survive_a_consumer_slower_than_their_ring
     assert streams.same_batches(batches, in_process)
 
 
-def _data_workers() -> list[psutil.Process]:
-    """This process's forked children (a forked worker keeps the command line)."""
-    me = psutil.Process()
-    return [p for p in me.children() if p.cmdline() == me.cmdline()]
+def _data_workers(loader) -> list[psutil.Process]:
+    """The loader's own worker processes, by the ids it started them with (other children of
+    this process, such as workers of another test's loader, are not among them)."""
+    return [psutil.Process(pid) for pid in loader.worker_pids]
+
+
+def _has_ended(process: psutil.Process) -> bool:
+    """Exited (a zombie until its parent reaps it) or gone."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_closing_the_loader_stops_its_worker_processes(stream_dataset, streams):
     loader = streams.loader(stream_dataset, workers=2)
     next(loader)
-    workers = _data_workers()
+    workers = _data_workers(loader)
     assert len(workers) == 2
     loader.close()
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+    assert all(_has_ended(p) for p in workers)
+    assert loader.worker_pids == ()
 
 
 @pytest.mark.timeout(60)
@@ -61,18 +70,21 @@ def test_workers_end_on_sigterm_even_when_the_trainer_handles_it(stream_dataset,
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's stop flag
     try:
         loader = streams.loader(stream_dataset, workers=2)
-        next(loader)
+        # One batch from each worker (they take turns): each has set up its own signal
+        # handling before its first batch. A SIGTERM before that would reach the trainer's
+        # handler, inherited through fork, and be ignored.
+        assert {next(loader).worker for _ in range(2)} == {0, 1}
     finally:
         signal.signal(signal.SIGTERM, previous)
-    workers = _data_workers()
+    workers = _data_workers(loader)
     for worker in workers:
         worker.terminate()
+    # Polled, not waited for: the pool reaps its own workers. The deadline is a hang guard;
+    # the default action of SIGTERM is immediate.
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(
-        w.status() != psutil.STATUS_ZOMBIE for w in workers
-    ):  # ended, not yet reaped
+    while not all(_has_ended(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert all(w.status() == psutil.STATUS_ZOMBIE for w in workers)
+    assert all(_has_ended(w) for w in workers)
     loader.close()
 
 
@@ -80,7 +92,7 @@ def test_workers_end_on_sigterm_even_when_the_trainer_handles_it(stream_dataset,
 def test_a_worker_that_dies_is_a_clear_error_not_a_hang(stream_dataset, streams):
     loader = streams.loader(stream_dataset, workers=2)
     next(loader)
-    for worker in _data_workers():
+    for worker in _data_workers(loader):
         worker.kill()
     with pytest.raises(RuntimeError, match=r"data worker \d \(pid \d+\) exited unexpectedly"):
         for _ in islice(loader, 100):

@@ -5,7 +5,6 @@ SeaweedFS, accept the Service's host names, refuse others, and put artifacts in 
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
 
 START_TIMEOUT_S = 120
 
@@ -49,12 +49,6 @@ def stop_group(process: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_rendered_mlflow_server_serves_its_service_names_and_stores_artifacts_in_s3(

@@ -184,29 +184,35 @@ def test_downsampling_conv_equals_3x3_convolution_fir_then_dropping_pixels():
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
-FIR_OPS = {  # ours, reference built from padding, zero insertion and shifted slices
+FIR_OPS = {  # ours (with the given adjoint form), reference built from padding, zero insertion
+    # and shifted slices
     "upsample": (
-        lambda x: upsample2d(x, fir_filter()),
+        lambda x, native: upsample2d(x, fir_filter(), native_adjoints=native),
         lambda x: filter_same(F.pad(zero_insert(x), [2, 1, 2, 1]), fir_filter() * 4),
     ),
     "downsample": (
-        lambda x: downsample2d(x, fir_filter()),
+        lambda x, native: downsample2d(x, fir_filter(), native_adjoints=native),
         lambda x: filter_same(F.pad(x, [1, 1, 1, 1]), fir_filter())[:, :, ::2, ::2],
     ),
     "blur-pad2": (
-        lambda x: blur2d(x, fir_filter(), pad=2),
+        lambda x, native: blur2d(x, fir_filter(), pad=2, native_adjoints=native),
         lambda x: filter_same(F.pad(x, [2, 2, 2, 2]), fir_filter()),
     ),
     "blur-pad1-gain4": (
-        lambda x: blur2d(x, fir_filter(), pad=1, gain=4.0),
+        lambda x, native: blur2d(x, fir_filter(), pad=1, gain=4.0, native_adjoints=native),
         lambda x: filter_same(F.pad(x, [1, 1, 1, 1]), fir_filter() * 4),
     ),
 }
 
 
+# native_adjoints: the CUDA form (_FirConv / _FirAdjoint); off: the CPU form (_DepthwiseFIR).
+@pytest.mark.parametrize("native_adjoints", [False, True], ids=["cpu-form", "cuda-form"])
 @pytest.mark.parametrize("name", FIR_OPS)
-def test_fir_filters_have_the_reference_first_and_second_derivatives(name):
-    ours, reference = FIR_OPS[name]
+def test_fir_filters_have_the_reference_first_and_second_derivatives(name, native_adjoints):
+    op, reference = FIR_OPS[name]
+
+    def ours(x):
+        return op(x, native_adjoints)
 
     def penalty_grads(op):
         torch.manual_seed(1)

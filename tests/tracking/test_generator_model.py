@@ -44,3 +44,27 @@ def test_logged_generator_loads_back_as_pyfunc_and_reproduces_g_ema_images(
     assert model.metadata.get_input_schema().input_names() == ["seed", "z", "psi"]
     versions = MlflowClient(mlflow_server.uri).search_model_versions(f"name='{register_name}'")
     assert [v.version for v in versions] == ["1"]
+
+
+def test_a_run_finds_the_generator_it_logged_and_ignores_an_unfinished_upload(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    G, model_cfg = tiny_generator()
+    cfg = tracking_config(tmp_path, mlflow_server.uri)
+    cfg.model = model_cfg
+    tracker = Tracker.start(cfg, run_id=None, tags={})
+    client = MlflowClient(mlflow_server.uri)
+    experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    # An upload killed half way leaves a PENDING model: not a generator to reuse.
+    client.create_logged_model(experiment_id, name="generator", source_run_id=tracker.run_id)
+    assert tracker.logged_generator_uri() == ""
+    model_uri = tracker.log_generator(G, cfg)
+    # Found before its tag exists (a kill between the upload and the tag) ...
+    assert tracker.logged_generator_uri() == model_uri
+    # ... and in the run's own experiment, where the MLflow UI lists it with the run.
+    assert client.get_logged_model(model_uri.removeprefix("models:/")).experiment_id == (
+        experiment_id
+    )
+    tracker.set_tag("generator_model_uri", model_uri)
+    assert tracker.logged_generator_uri() == model_uri
+    tracker.end()

@@ -22,6 +22,12 @@ from sg2dist.train.build import build_nets, build_step_context, make_accelerator
 from sg2dist.train.step import StepState, train_step, update_ema
 
 
+def ddp_parameter_tensors(module: torch.nn.Module) -> int | None:
+    if not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return None
+    return int(module._get_ddp_logging_data()["num_parameter_tensors"])
+
+
 def main() -> None:
     out, batch, batch_gpu, steps = sys.argv[1], *map(int, sys.argv[2:5])
     precision = sys.argv[5] if len(sys.argv) > 5 else "no"
@@ -44,8 +50,9 @@ def main() -> None:
     acc = make_accelerator(cfg.train.precision)
     _, accum = cfg.train.batch_layout(acc.num_processes)
     nets = build_nets(cfg, acc)
+    D_init = {name: p.detach().clone() for name, p in nets.D_net.named_parameters()}
     ctx = build_step_context(cfg, acc)
-    state = StepState(augment=initial_state(cfg.augment))
+    state = StepState.on(acc.device, initial_state(cfg.augment))
     data = torch.Generator().manual_seed(1234)
     reals = torch.rand(steps * batch, 3, 16, 16, generator=data) * 2 - 1
     rts: list[float] = []
@@ -71,14 +78,19 @@ def main() -> None:
         def params(net):
             return {name: p.detach() for name, p in net.named_parameters()}
 
+        trained = {id(p) for group in nets.D_opt.param_groups for p in group["params"]}
         torch.save(
             {
                 "G": params(nets.G_net),
                 "D": params(nets.D_net),
                 "G_ema": params(nets.G_ema),
-                "pl_mean": state.pl_mean,
+                "pl_mean": float(state.pl_mean),
                 "augment_p": state.augment.p,
                 "augment_rt": rts,
+                "D_init": D_init,
+                "D_trained": [n for n, p in nets.D_net.named_parameters() if id(p) in trained],
+                # How many tensors DDP's reducer all-reduces (None on one process: no DDP).
+                "D_synced_tensors": ddp_parameter_tensors(nets.D_ddp),
             },
             out,
         )

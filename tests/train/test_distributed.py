@@ -1,20 +1,14 @@
 """2 real processes (gloo on CPU) train exactly like 1 process with the same global batch."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from support.ports import free_port
 
 WORKER = Path(__file__).with_name("ddp_equivalence_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(

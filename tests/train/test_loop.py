@@ -1,17 +1,24 @@
 """`sg2dist train` end to end in subprocesses: exact resume, crashes, SIGTERM, the quickstart."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from mlflow import MlflowClient
+from support.s3 import SeaweedFS
 from support.tiny import TRAIN_CLI_SETS, set_args
 
+from sg2dist import storage
 from sg2dist.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,3 +223,147 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(tmp_path, digits_u
         if weight.is_floating_point() and weight.numel() > 1:
             # One Adam step away from the pretrained weights, not a random initialisation.
             assert (tuned.state["G"][key] - weight).abs().max() < 0.05, key
+
+
+# ---------------------------------------------------------------------------- S3 outages
+
+
+@pytest.fixture(scope="module")
+def outage_s3(tmp_path_factory) -> Iterator[SeaweedFS]:
+    """A SeaweedFS of this module's own, which tests stop and start again (same port, same
+    data); each test leaves it running."""
+    server = SeaweedFS(tmp_path_factory.mktemp("outage-s3")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_train(log_dir: Path, run_dir: str, data_url: str, kimg: float, *extra: str, env=None):
+    """`sg2dist train` in the background, output to files (a stopped process must not find
+    a full pipe when it resumes)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "out").open("w") as out, (log_dir / "err").open("w") as err:
+        return subprocess.Popen(
+            train_cmd(run_dir, data_url, kimg, *extra),
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+            stdout=out,
+            stderr=err,
+        )
+
+
+def next_pause(proc: subprocess.Popen) -> bool:
+    """Wait until the trainer suspends itself at its failpoint (True) or exits (False)."""
+    deadline = time.monotonic() + 300
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED:
+                return True
+        assert time.monotonic() < deadline, "the trainer neither paused nor ended"
+        time.sleep(0.1)
+    return False
+
+
+def test_s3_down_during_a_snapshot_training_goes_on_the_next_checkpoint_lands_and_resumes_exactly(
+    tmp_path, digits_url, outage_s3, mlflow_server, monkeypatch
+):
+    for key, value in outage_s3.env().items():
+        monkeypatch.setenv(key, value)  # this process reads the checkpoints too
+    run = f"{outage_s3.prefix_url()}/run"
+    # Snapshots at nimg 16, 32 and 48; the trainer suspends itself just before each
+    # checkpoint write, so S3 goes away exactly while the first one is due. MLflow (its
+    # artifacts in another S3) stays up.
+    tracked = ["tracking.enabled=true", "tracking.experiment=s3-outage",
+               "tracking.system_metrics=false"]  # fmt: skip
+    proc = start_train(
+        tmp_path / "logs", run, digits_url, 0.048, "run.snapshot_kimg=0.016",
+        "run.storage_retry_s=2", *tracked,
+        env={"SG2DIST_FAILPOINT": "checkpoint-before-write:stop", **mlflow_server.client_env()},
+    )  # fmt: skip
+    pauses = 0
+    try:
+        while next_pause(proc):
+            pauses += 1
+            if pauses == 1:
+                outage_s3.stop()  # down during the snapshot at nimg 16 ...
+            elif pauses == 2:
+                outage_s3.start()  # ... and back before the one at nimg 32
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if not outage_s3.running:
+            outage_s3.start()
+    out, err = (tmp_path / "logs" / "out").read_text(), (tmp_path / "logs" / "err").read_text()
+    assert proc.returncode == 0 and pauses == 3, out[-2000:] + err[-3000:]
+    assert "[storage] writing checkpoint" in err and "(attempt 1)" in err  # a line per try
+    (failure,) = [line for line in out.splitlines() if "not written" in line]
+    assert failure.startswith("checkpoint at kimg 0.016 not written (writing checkpoint ")
+    assert failure.endswith("training goes on and the next snapshot tries again (1 failed so far)")
+    assert "done at kimg 0.048" in out
+    folders = storage.listdir(f"{run}/checkpoints")
+    assert folders == ["latest", "nimg-000000000032", "nimg-000000000048"]  # nothing half-made
+    final = ckpt.find_latest(run)
+    assert final.meta["progress"]["cur_nimg"] == 48 and final.meta["checkpoint_failures"] == 1
+    client = MlflowClient(mlflow_server.uri)
+    (tracked_run,) = client.search_runs([client.get_experiment_by_name("s3-outage").experiment_id])
+    assert tracked_run.data.tags["checkpoint_failures"] == "1"
+    history = client.get_metric_history(tracked_run.info.run_id, "progress/checkpoint_failures")
+    assert [(m.step, m.value) for m in history] == [(16, 1.0)]
+
+    # The checkpoint written after the outage resumes exactly.
+    resumed = f"{outage_s3.prefix_url()}/resumed"
+    run_train(resumed, digits_url, 0.048, "run.snapshot_kimg=0.016",
+              args=["--resume", f"{run}/checkpoints/nimg-000000000032"])  # fmt: skip
+    assert_same_state(ckpt.find_latest(resumed), final, atol=0)
+
+
+def test_sigterm_while_s3_is_down_exits_75_within_the_grace_and_a_restart_never_starts_over(
+    tmp_path, digits_url, outage_s3, monkeypatch
+):
+    for key, value in outage_s3.env().items():
+        monkeypatch.setenv(key, value)
+    run = f"{outage_s3.prefix_url()}/run"
+    # The trainer suspends itself after each snapshot; the first one (nimg 16) lands.
+    proc = start_train(
+        tmp_path / "logs", run, digits_url, 100.0, "run.snapshot_kimg=0.016",
+        "run.storage_retry_s=60",  # longer than the grace allows: the grace must win
+        env={"SG2DIST_FAILPOINT": "snapshot-done:stop", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "4"},
+    )  # fmt: skip
+    pauses = 0
+    try:
+        while next_pause(proc):
+            pauses += 1
+            if pauses == 1:
+                outage_s3.stop()
+                proc.send_signal(signal.SIGTERM)  # preempted while S3 is down
+            proc.send_signal(signal.SIGCONT)
+        out, err = (tmp_path / "logs" / "out").read_text(), (tmp_path / "logs" / "err").read_text()
+        assert proc.returncode == 75, out[-2000:] + err[-3000:]
+        (line,) = [line for line in err.splitlines() if line.startswith("sg2dist: error:")]
+        assert line.startswith("sg2dist: error: stopped at kimg 0.024 without its checkpoint: ")
+        # Retried for half the shutdown grace (TORCH_ELASTIC_SHUTDOWN_TIMEOUT=4: one or two
+        # tries), not for run.storage_retry_s (60 s: at least four tries).
+        (tries,) = re.findall(r"writing checkpoint \S+ failed (\d+) time\(s\)", out)
+        assert int(tries) <= 2
+
+        # The replacement pod starts while S3 is still down: retries, then exit 75, and
+        # above all no fresh start over the existing run.
+        started = run_train(run, digits_url, 100.0, "run.storage_retry_s=2", expect=75)
+        attempts = [line for line in started.stderr.splitlines() if "failed (attempt" in line]
+        assert attempts and all(
+            line.startswith(f"[storage] reading the checkpoints of {run} failed (attempt ")
+            for line in attempts
+        )
+        (line,) = [x for x in started.stderr.splitlines() if x.startswith("sg2dist: error:")]
+        assert line.startswith(f"sg2dist: error: reading the checkpoints of {run} failed ")
+        assert "cannot reach S3 endpoint" in line and "tick" not in started.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if not outage_s3.running:
+            outage_s3.start()
+    assert storage.listdir(f"{run}/checkpoints") == ["latest", "nimg-000000000016"]

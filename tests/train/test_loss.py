@@ -126,3 +126,17 @@ def test_one_d_call_on_fakes_and_reals_equals_two_separate_calls():
     for a, b in zip(grads_of([combined]), grads_of([fake_loss, real_loss]), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert L.can_combine_d_calls(8, 4) and not L.can_combine_d_calls(2, 4)
+
+
+def test_pl_mean_on_the_device_in_float64_equals_the_python_float_update():
+    pl_mean, length = 0.3712, torch.tensor(1.7654321, dtype=torch.float32)
+    on_device = torch.tensor(pl_mean, dtype=torch.float64)
+    for _ in range(50):
+        pl_mean = L.update_pl_mean(pl_mean, float(length), 0.01)
+        on_device = L.update_pl_mean(on_device, length, 0.01)
+    assert on_device.dtype == torch.float64 and float(on_device) == pl_mean
+    lengths = torch.tensor([1.0, 2.5, 3.25])
+    img = torch.zeros(3, 1, 2, 2)
+    by_float = L.pl_loss(lengths, img, pl_mean=pl_mean, pl_weight=2.0, gain=4)[0]
+    by_tensor = L.pl_loss(lengths, img, pl_mean=on_device, pl_weight=2.0, gain=4)[0]
+    assert by_tensor.dtype == torch.float32 and torch.equal(by_float, by_tensor)

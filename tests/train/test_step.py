@@ -1,0 +1,86 @@
+"""One training step (sg2dist/train/step.py): no host reads of device values, and the
+device-side skip of steps with non-finite gradients."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from support.tiny import tiny_model_sets
+
+from sg2dist.config import load_config
+from sg2dist.train.build import build_nets, build_step_context, make_accelerator
+from sg2dist.train.step import StepState, train_step
+
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
+
+
+def tiny_step_parts():
+    cfg = load_config(
+        None,
+        [
+            *tiny_model_sets(),
+            "train.batch=4",
+            "train.batch_gpu=4",
+            "train.pl_interval=2",
+            "train.r1_interval=2",
+            "train.precision=no",
+        ],
+    )
+    acc = make_accelerator("no")
+    return build_nets(cfg, acc), build_step_context(cfg, acc), StepState.on(acc.device)
+
+
+def reals(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1, torch.zeros(4, 0))]
+
+
+@pytest.fixture
+def host_reads(monkeypatch) -> Iterator[collections.Counter]:
+    """(method, calling function) of every Tensor -> Python value conversion while active."""
+    calls: collections.Counter = collections.Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def recorded(self, *args, _name=name, _original=original, **kwargs):
+            calls[(_name, sys._getframe(1).f_code.co_name)] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recorded)
+    yield calls
+
+
+def test_a_training_step_reads_no_device_value_on_the_host(host_reads):
+    nets, ctx, state = tiny_step_parts()
+    for step in range(4):  # every phase, path length and R1 included
+        train_step(ctx, nets, state, step, reals(step))
+    # The only reads are the style-mixing coin flips, drawn from torch's CPU generator on
+    # purpose (they never wait for a GPU); everything else stays on the device.
+    assert set(host_reads) == {("item", "mix_styles")}
+
+
+def test_non_finite_gradients_skip_the_update_on_the_device_and_count_it():
+    nets, ctx, state = tiny_step_parts()
+    train_step(ctx, nets, state, 1, reals(0))  # a normal step: Adam has state to compare
+    D_before = copy.deepcopy(nets.D_net.state_dict())
+    D_opt_before = copy.deepcopy(nets.D_opt.state_dict()["state"])
+    G_before = copy.deepcopy(nets.G_net.state_dict())
+    poisoned = [(torch.full((4, 3, 16, 16), float("nan")), torch.zeros(4, 0))]
+
+    train_step(ctx, nets, state, 3, poisoned)  # NaN reals: D's gradients are NaN, G's are not
+    for name, value in nets.D_net.state_dict().items():
+        assert torch.equal(value, D_before[name]), name
+    for index, moments in nets.D_opt.state_dict()["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(value, D_opt_before[index][key]), (index, key)
+    assert any(not torch.equal(v, G_before[k]) for k, v in nets.G_net.state_dict().items())
+    assert int(state.skipped_steps) == 1 and int(state.nonfinite_in_row) == 1
+
+    train_step(ctx, nets, state, 5, reals(1))
+    assert int(state.skipped_steps) == 1 and int(state.nonfinite_in_row) == 0
+    assert any(not torch.equal(v, D_before[k]) for k, v in nets.D_net.state_dict().items())
