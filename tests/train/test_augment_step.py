@@ -113,8 +113,8 @@ def tiny_training(augment: AugmentConfig | None):
     G, D = build_networks(cfg.model)
     nets = Nets(
         G_ddp=G, D_ddp=D, G_net=G, D_net=D, G_ema=copy.deepcopy(G),
-        G_opt=torch.optim.Adam(G.parameters(), lr=0.01, betas=(0.0, 0.99)),
-        D_opt=torch.optim.Adam(D.parameters(), lr=0.01, betas=(0.0, 0.99)),
+        G_opt=torch.optim.Adam(G.parameters(), lr=0.01, betas=(0.0, 0.99), fused=True),
+        D_opt=torch.optim.Adam(D.parameters(), lr=0.01, betas=(0.0, 0.99), fused=True),
     )  # fmt: skip
     ctx = StepContext(
         train=cfg.train, phases=phase_table(cfg.train), rank=0, world_size=1,
@@ -131,7 +131,7 @@ def test_ada_at_p_zero_trains_bit_for_bit_like_no_augmentation():
     results = []
     for augment in (None, AugmentConfig(mode="ada", p="0", speed_kimg=1e6)):
         nets, ctx = tiny_training(augment)
-        state = StepState()
+        state = StepState.on("cpu")
         for step in range(2):  # Gmain, Greg, Dmain and Dreg all run
             train_step(ctx, nets, state, step, micro_batches)
         results.append(

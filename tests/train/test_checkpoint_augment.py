@@ -24,7 +24,7 @@ def contents(augment):
         G_opt=torch.optim.Adam(G.parameters()), D_opt=torch.optim.Adam(D.parameters()),
     )  # fmt: skip
     state, meta = ckpt.training_contents(
-        nets=nets, scaler=None, progress=ckpt.Progress(), step_state=StepState(), cfg=cfg,
+        nets=nets, scaler=None, progress=ckpt.Progress(), step_state=StepState.on("cpu"), cfg=cfg,
         rng_cpu=[torch.get_rng_state()], data_states=[{}], mlflow_run_id=None, augment=augment,
     )  # fmt: skip
     return cfg, nets, ckpt.Checkpoint(url="mem://", state=state, meta=meta)
@@ -41,7 +41,7 @@ def restore(augment, step_state: StepState) -> StepState:
 
 def test_p_and_the_r_t_accumulator_are_restored():
     saved = {"p": 0.375, "rt_sum": 2.5, "rt_count": 4.0, "rt": 0.7}
-    state = restore(saved, StepState())
+    state = restore(saved, StepState.on("cpu"))
     assert (state.augment.p, state.augment.rt_sum, state.augment.rt_count) == (0.375, 2.5, 4.0)
     assert state.augment.rt == 0.7
 
@@ -49,7 +49,7 @@ def test_p_and_the_r_t_accumulator_are_restored():
 def test_a_checkpoint_from_before_augmentation_keeps_the_runs_initial_state():
     _, _, checkpoint = contents(None)
     assert "augment" not in checkpoint.meta
-    state = restore(None, StepState(augment=AugmentState(p=0.2)))
+    state = restore(None, StepState.on("cpu", AugmentState(p=0.2)))
     assert state.augment.p == 0.2 and state.augment.rt_count == 0
 
 

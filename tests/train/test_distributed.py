@@ -61,13 +61,17 @@ def test_two_processes_with_accumulation_match_one_process_on_the_same_samples(t
 def test_two_processes_match_one_process_with_ada_while_p_adapts(tmp_path):
     # p starts at 0.3, so the transforms really run, and moves by 8 x 1 / 160 = 0.05 after
     # every step: augmentation draws and the all-reduced r_t must agree for p to stay equal.
-    # 3 steps run every phase (intervals 2) and leave p an odd number of steps from 0.3.
+    # 2 steps: the first runs every phase (intervals 2) at p = 0.3, the second runs at the p
+    # of the first adjustment. A third step is not compared: by then a few weights whose
+    # gradient nearly cancels (Adam divides it by its own small size) differ by 1e-4 between
+    # summation orders, also with augment.mode=fixed, so the tolerance would say nothing.
     ada = ("augment.mode=ada", "augment.p=0.3", "augment.interval=1", "augment.speed_kimg=0.16")
-    single = run_worker(tmp_path / "one.pt", batch=8, batch_gpu=2, steps=3, nproc=1, extra_sets=ada)
-    double = run_worker(tmp_path / "two.pt", batch=8, batch_gpu=2, steps=3, nproc=2, extra_sets=ada)
+    single = run_worker(tmp_path / "one.pt", batch=8, batch_gpu=2, steps=2, nproc=1, extra_sets=ada)
+    double = run_worker(tmp_path / "two.pt", batch=8, batch_gpu=2, steps=2, nproc=2, extra_sets=ada)
     # r_t is the mean over the global batch, all-reduced: the same values, not just signs.
     assert single["augment_rt"] == double["augment_rt"]
     assert single["augment_p"] == double["augment_p"]
-    assert abs(single["augment_p"] - 0.3) > 0.04
+    first_rt, second_rt = single["augment_rt"]
+    assert first_rt > 0.6 > second_rt  # p rose to 0.35 for the second step, then fell back
     for net in ("G", "D", "G_ema"):
         assert max_abs_diff(single[net], double[net]) < 1e-5, net
