@@ -217,6 +217,73 @@ class MetricsConfig:
             raise ConfigError("metrics.every_kimg must be >= 0 (0 = off)")
 
 
+AUGMENT_MODES = ("none", "ada", "fixed", "diffaugment")
+# The official ADA pipelines: groups b(lit), g(eom), c(olor), f(ilter), n(oise), c(utout).
+AUGMENT_PIPES = (
+    "blit", "geom", "color", "filter", "noise", "cutout", "bg", "bgc", "bgcf", "bgcfn", "bgcfnc",
+)  # fmt: skip
+P_FROM_CHECKPOINT = "from-checkpoint"
+
+
+@dataclass
+class AugmentConfig:
+    """Discriminator augmentation for small datasets (ADA, Karras et al. 2020; DiffAugment)."""
+
+    mode: str = "none"  # none (config F) | ada (adaptive p) | fixed (constant p) | diffaugment
+    pipe: str = "bgc"  # ada/fixed: which transform groups, as in the official code
+    target: float = 0.6  # ada: the r_t = E[sign(D(real))] that p steers towards
+    speed_kimg: float = 500.0  # ada: kimg for p to move by 1
+    p_max: float = 1.0  # ada: upper bound of p (below ~0.8 augmentations do not leak)
+    # Initial p (ada) or the constant p (fixed): a number in [0, p_max], or "from-checkpoint"
+    # (the augment_pipe.p of an imported official pickle). A string so both forms fit.
+    p: str = "0"
+    interval: int = 4  # ada: adjust p every N steps
+
+    @property
+    def initial_p(self) -> float | None:
+        """p as a number, or None for from-checkpoint."""
+        return None if self.p == P_FROM_CHECKPOINT else float(self.p)
+
+    def validate(self) -> None:
+        if self.mode not in AUGMENT_MODES:
+            raise ConfigError(f"augment.mode='{self.mode}'; use one of {', '.join(AUGMENT_MODES)}")
+        if self.pipe not in AUGMENT_PIPES:
+            raise ConfigError(
+                f"augment.pipe='{self.pipe}'; use one of {', '.join(AUGMENT_PIPES)} (default bgc)"
+            )
+        if not 0 <= self.target <= 1:
+            raise ConfigError(f"augment.target={self.target} must be in [0, 1] (default 0.6)")
+        if self.speed_kimg <= 0:
+            raise ConfigError(f"augment.speed_kimg={self.speed_kimg} must be > 0 (default 500)")
+        if not 0 < self.p_max <= 1:
+            raise ConfigError(f"augment.p_max={self.p_max} must be in (0, 1] (default 1)")
+        if self.interval < 1:
+            raise ConfigError(f"augment.interval={self.interval} must be >= 1 (default 4)")
+        self._validate_p()
+
+    def _validate_p(self) -> None:
+        try:
+            p = self.initial_p
+        except ValueError:
+            raise ConfigError(
+                f"augment.p='{self.p}' is neither a number nor {P_FROM_CHECKPOINT}; "
+                "set e.g. --set augment.p=0.2"
+            ) from None
+        uses_p = self.mode in ("ada", "fixed")
+        if not uses_p and (p is None or p != 0):
+            raise ConfigError(
+                f"augment.p={self.p} has no effect with augment.mode={self.mode}; "
+                "set augment.mode=ada or fixed, or leave augment.p at 0"
+            )
+        if p is not None and not 0 <= p <= self.p_max:
+            raise ConfigError(f"augment.p={self.p} must be in [0, augment.p_max={self.p_max}]")
+        if self.mode == "fixed" and p == 0:
+            raise ConfigError(
+                "augment.mode=fixed with augment.p=0 augments nothing; "
+                "set augment.p (e.g. 0.2), or augment.mode=ada to let p adapt"
+            )
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -225,17 +292,28 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        self._check_augment_fits_the_model()
         group = min(self.model.mbstd_group, self.train.batch_gpu)
         if self.train.batch_gpu % group != 0:
             raise ConfigError(
                 f"train.batch_gpu={self.train.batch_gpu} is not a multiple of the minibatch-stddev "
                 f"group model.mbstd_group={self.model.mbstd_group}; use a multiple of {group}"
+            )
+
+    def _check_augment_fits_the_model(self) -> None:
+        # The image-space filter bank has 43 taps; reflect padding needs 21 pixels each side.
+        filtered = self.augment.pipe in ("filter", "bgcf", "bgcfn", "bgcfnc")
+        if self.augment.mode in ("ada", "fixed") and filtered and self.model.resolution < 32:
+            raise ConfigError(
+                f"augment.pipe={self.augment.pipe} filters images with 43 taps and needs "
+                f"model.resolution >= 32 (got {self.model.resolution}); use augment.pipe=bgc"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,7 +391,7 @@ def _flatten(tree: dict[str, Any], path: str) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise ConfigError(
                 f"{path}: top-level key '{section}' must be a section mapping "
-                "(model, data, train, run, tracking, metrics)"
+                "(model, data, train, run, tracking, metrics, augment)"
             )
         for name, value in body.items():
             flat[f"{section}.{name}"] = value

@@ -72,6 +72,17 @@ def test_model_code_imports_nothing_from_train_data_storage_or_tracking():
     assert {name: t for name, t in offenders.items() if t} == {}
 
 
+def test_augmentation_code_imports_nothing_from_train_data_storage_or_tracking():
+    forbidden = ("sg2dist.train", "sg2dist.data", "sg2dist.storage", "sg2dist.tracking")
+    offenders = {
+        name: sorted(t for t in targets if t.startswith(forbidden))
+        for name, targets in import_graph().items()
+        if name.startswith("sg2dist.augment")
+    }
+    assert {name: t for name, t in offenders.items() if t} == {}
+    assert any(name.startswith("sg2dist.augment.") for name in import_graph())
+
+
 def test_no_module_imports_itself_through_others():
     graph = import_graph()
     # A package's __init__ importing its own submodules is how it re-exports them: the

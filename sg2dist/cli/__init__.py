@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sg2dist.cli.export", "G_ema of a checkpoint as an MLflow model, ONNX or pt2"),
     "bench": ("sg2dist.cli.bench", "benchmark a training step or the data loader"),
     "import": ("sg2dist.cli.import_pickle", "turn an official StyleGAN2 network pickle into a run"),
+    "augment-preview": (
+        "sg2dist.cli.augment_preview",
+        "show real images as D sees them under ADA or DiffAugment",
+    ),
 }
 
 

@@ -2,7 +2,7 @@
 
     sg2dist bench data URL --batch B --workers W [--batches N]
     sg2dist bench step --resolution R --batch B [--channel-base --channel-max] [--device cpu|cuda]
-                       [--precision fp32|bf16|fp16] [--compile]
+                       [--precision fp32|bf16|fp16] [--compile] [--augment ada --augment-p P]
 
 The measurements live beside what they measure (sg2dist/data/bench.py,
 sg2dist/train/bench.py); this module parses and prints.
@@ -96,6 +96,15 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile G and D")
     parser.add_argument("--cycles", type=int, default=2, help="timed 16-iteration cycles")
     parser.add_argument(
+        "--augment",
+        choices=["none", "ada", "fixed", "diffaugment"],
+        default="none",
+        help="augment every D input (augment.mode); default none",
+    )
+    parser.add_argument(
+        "--augment-p", type=float, default=0.5, help="p of --augment ada/fixed (default 0.5)"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also print milliseconds per phase (Gmain, Greg, Dmain, Dreg, opt_G, opt_D, ema) "
@@ -120,14 +129,20 @@ def run_step(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         cycles=args.cycles,
+        augment=args.augment,
+        augment_p=args.augment_p,
     )
     result, profile = run_step_bench(settings, profile=args.profile)
     device = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
     )
+    augment = ""
+    if args.augment != "none":
+        p = f" p={args.augment_p:g}" if args.augment in ("ada", "fixed") else ""
+        augment = f" augment {args.augment}{p}"
     print(
         f"bench step: {args.resolution}px batch {args.batch} base {args.channel_base} "
-        f"max {args.channel_max} {args.precision}{' compiled' if args.compile else ''} "
+        f"max {args.channel_max} {args.precision}{' compiled' if args.compile else ''}{augment} "
         f"on {device}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items())
     )
     if profile is not None:

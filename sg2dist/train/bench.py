@@ -19,6 +19,7 @@ from typing import cast
 
 import torch
 
+from sg2dist.augment import initial_state
 from sg2dist.config import Config, load_config
 from sg2dist.train.build import build_nets, build_step_context, make_accelerator
 from sg2dist.train.step import StepContext, StepState, train_step, update_ema
@@ -40,12 +41,18 @@ class StepBenchSettings:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the main phases (R1 / path length stay eager)
     cycles: int = 2  # timed 16-iteration cycles
+    augment: str = "none"  # augment.mode: none | ada | fixed | diffaugment
+    augment_p: float = 0.5  # p of ada (its start) and fixed; ADA's p moves little in a bench
 
 
 def bench_config(settings: StepBenchSettings) -> Config:
+    augment = [f"augment.mode={settings.augment}"]
+    if settings.augment in ("ada", "fixed"):
+        augment.append(f"augment.p={settings.augment_p}")
     return load_config(
         None,
         [
+            *augment,
             f"model.resolution={settings.resolution}",
             f"model.img_channels={settings.channels}",
             f"model.channel_base={settings.channel_base}",
@@ -114,7 +121,7 @@ def run_step_bench(
         nets.G_ddp = cast(torch.nn.Module, torch.compile(nets.G_ddp))
         nets.D_ddp = cast(torch.nn.Module, torch.compile(nets.D_ddp))
     ctx = build_step_context(cfg, acc)
-    state = StepState.on(acc.device)
+    state = StepState.on(acc.device, initial_state(cfg.augment))
     batch = settings.batch
     shape = (batch, settings.channels, settings.resolution, settings.resolution)
     reals = [

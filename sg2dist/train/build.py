@@ -23,7 +23,8 @@ from accelerate.utils import (
 )
 
 from sg2dist import __version__, storage
-from sg2dist.config import Config, RunConfig, dump_config
+from sg2dist.augment import Augmenter, AugmentState, initial_state
+from sg2dist.config import P_FROM_CHECKPOINT, Config, RunConfig, dump_config
 from sg2dist.data import (
     Manifest,
     StreamLoader,
@@ -110,6 +111,13 @@ def build_session(cfg: Config, *, resume: str, init_from: ckpt.Checkpoint | None
         )
     elif init_from is not None:
         ckpt.load_weights(init_from, nets)
+    if checkpoint is None or "augment" not in checkpoint.meta:
+        start = checkpoint if checkpoint is not None else init_from
+        step_state.augment = initial_augment(
+            cfg, start.meta if start else None, start.url if start else ""
+        )
+    elif cfg.augment.mode == "fixed" and cfg.augment.initial_p is not None:
+        step_state.augment.p = cfg.augment.initial_p  # fixed: the config's p, even on resume
     loader = build_loader(
         cfg.data.url,
         batch_gpu=batch_gpu,
@@ -248,6 +256,9 @@ def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
             else x
         )
 
+    augmenter = None
+    if cfg.augment.mode != "none":
+        augmenter = Augmenter(cfg.augment, batch=cfg.train.batch)
     return StepContext(
         train=cfg.train,
         phases=phase_table(cfg.train),
@@ -259,7 +270,27 @@ def build_step_context(cfg: Config, accelerator: Accelerator) -> StepContext:
         reduce_mean=reduce_mean,
         scaler=accelerator.scaler,
         mbstd_group=cfg.model.mbstd_group,
+        augmenter=augmenter,
     )
+
+
+def initial_augment(cfg: Config, meta: dict | None, source: str) -> AugmentState:
+    """A new run's augmentation state: p from the config, or with augment.p=from-checkpoint
+    from the imported official pickle's augment_pipe.p recorded in the checkpoint we start from."""
+    imported_p = ckpt.imported_augment_p(meta) if meta is not None else None
+    if cfg.augment.initial_p is None and imported_p is None:
+        fix = "or set augment.p to a number such as 0"
+        if not source:
+            raise UserError(
+                f"augment.p={P_FROM_CHECKPOINT} needs --init-from a checkpoint imported from "
+                f"an official pickle; {fix}"
+            )
+        raise UserError(
+            f"augment.p={P_FROM_CHECKPOINT} but {source} records no imported augment_pipe.p "
+            f"(meta.json imported.augment_p); --init-from a checkpoint imported from an "
+            f"official pickle, {fix}"
+        )
+    return initial_state(cfg.augment, imported_p)
 
 
 def find_checkpoint_retrying(cfg: Config, resume: str) -> ckpt.Checkpoint | None:

@@ -13,8 +13,9 @@ looks complete. If `latest` names a broken folder, the newest verified one wins.
 
 What a training checkpoint holds is declared here, in one place (`training_contents`,
 `restore_training`): G, D, G_ema, both optimizers, the fp16 gradient scaler, the CPU
-RNG state of every rank (state.pt); the loop counters, pl_mean, skipped steps, every
-rank's data stream position, the MLflow run id and the resolved config (meta.json).
+RNG state of every rank (state.pt); the loop counters, pl_mean, skipped steps, ADA's p
+and r_t accumulator, every rank's data stream position, the MLflow run id and the resolved
+config (meta.json).
 That is everything needed to continue exactly as if never interrupted.
 
 An official network pickle (`sg2dist import`, or a .pkl / https:// URL wherever a checkpoint
@@ -29,6 +30,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -267,9 +269,11 @@ def training_contents(
     data_states: list[dict[str, Any]],
     mlflow_run_id: str | None,
     checkpoint_failures: int = 0,
+    augment: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a training checkpoint. `rng_cpu` and `data_states` hold one entry
-    per rank, gathered by the caller."""
+    per rank, gathered by the caller; `augment` is AugmentState.to_dict with the r_t
+    accumulator already reduced over ranks."""
     state = {
         "G": nets.G_net.state_dict(),
         "D": nets.D_net.state_dict(),
@@ -291,6 +295,8 @@ def training_contents(
         "checkpoint_failures": checkpoint_failures,  # absent in older checkpoints: 0
         "config": cfg.to_dict(),
     }
+    if augment is not None:
+        meta["augment"] = augment
     return state, meta
 
 
@@ -337,10 +343,22 @@ def restore_training(
         setattr(progress, key, int(meta["progress"][key]))
     step_state.pl_mean.fill_(float(meta["pl_mean"]))
     step_state.skipped_steps.fill_(int(meta["skipped_steps"]))
+    if "augment" in meta:  # absent in checkpoints written before augmentation existed
+        step_state.augment.load_dict(meta["augment"])
     if meta["world_size"] != world_size:
         return None
     torch.set_rng_state(state["rng_cpu"][rank])
     return meta["data_states"][rank]
+
+
+def imported_augment_p(meta: dict[str, Any]) -> float | None:
+    """The augment_pipe.p of an official pickle this checkpoint was imported from (meta.json
+    `imported.augment_p`), or None when it was not imported or recorded no usable p."""
+    imported = meta.get("imported")
+    value = imported.get("augment_p") if isinstance(imported, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return min(max(float(value), 0.0), 1.0)
+    return None
 
 
 def load_weights(checkpoint: Checkpoint, nets: Nets) -> None:

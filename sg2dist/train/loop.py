@@ -14,6 +14,7 @@ import resource
 import signal
 import sys
 import time
+from typing import Any
 
 import torch
 from accelerate.utils import gather_object
@@ -226,6 +227,7 @@ def report_tick(session: Session, tick_seconds: float, bar: tqdm) -> None:
         sec_per_kimg=tick_seconds / (tick_nimg / 1000),
         img_per_s=tick_nimg / max(tick_seconds, 1e-9),
         pl_mean=float(session.step_state.pl_mean),
+        augment_p=session.step_state.augment.p,
         skipped_steps=int(session.step_state.skipped_steps),
         data_wait_frac=session.data_wait_s / max(tick_seconds, 1e-9),
         corrupt_samples=session.loader.state.corrupt_samples,
@@ -274,11 +276,15 @@ def save(session: Session) -> str:
     )
 
 
-def gather_rank_states(session: Session) -> dict[str, list]:
+def gather_rank_states(session: Session) -> dict[str, Any]:
     # Sync point: every rank's RNG state and data stream position go into the checkpoint.
+    # All ranks also average ADA's r_t accumulator, so the checkpoint holds the global one.
+    augment = session.step_state.augment
+    accumulator = augment.global_accumulator(session.ctx.reduce_mean, session.accelerator.device)
     return {
         "rng_cpu": gather_object([torch.get_rng_state()]),
         "data_states": gather_object([session.loader.state.to_dict()]),
+        "augment": augment.to_dict(accumulator),
     }
 
 
@@ -290,7 +296,7 @@ def write_deadline(session: Session) -> float:
     return deadline
 
 
-def write_snapshot(session: Session, rank_states: dict[str, list], scores: dict[str, float]) -> str:
+def write_snapshot(session: Session, rank_states: dict[str, Any], scores: dict[str, float]) -> str:
     """Rank 0: log the metric scores, write the checkpoint, then the grid; the folder or ""."""
     if scores:
         print("metrics " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
@@ -305,7 +311,7 @@ def write_snapshot(session: Session, rank_states: dict[str, list], scores: dict[
     return folder
 
 
-def write_checkpoint(session: Session, rank_states: dict[str, list], deadline: float) -> str:
+def write_checkpoint(session: Session, rank_states: dict[str, Any], deadline: float) -> str:
     """Rank 0: the checkpoint, retried while S3 is unreachable until `deadline`; its folder,
     or "" when it could not be written (counted and logged; training goes on)."""
     cfg, p = session.cfg, session.progress
@@ -319,6 +325,7 @@ def write_checkpoint(session: Session, rank_states: dict[str, list], deadline: f
         data_states=rank_states["data_states"],
         mlflow_run_id=session.tracker.run_id,
         checkpoint_failures=session.checkpoint_failures,
+        augment=rank_states["augment"],
     )
     retry_s = max(deadline - time.monotonic(), 0.0)
     try:
@@ -434,6 +441,8 @@ TICK_LINE_ORDER = (
     "pl_mean",
     "D_real",
     "D_fake",
+    "augment_p",
+    "augment_rt",
     "skipped_steps",
     "data_wait_frac",
 )

@@ -5,6 +5,11 @@ already multiplied by its lazy-regularisation gain, plus the statistics the loop
 reports. None of them calls backward: the loop owns backward, gradient sync and
 optimizer steps.
 
+Every image D sees goes through `augment` first (identity unless augment.mode is set):
+fakes and reals, in the G and D phases and in the R1 pass, as in the official ADA loss.
+R1 differentiates D(augment(x)) with respect to the un-augmented x. The statistic
+`augment_rt` = E[sign(D(augment(x_real)))] is ADA's overfitting heuristic r_t.
+
 `G_ddp` / `D_ddp` may be DDP-wrapped modules (their forward must run through the
 wrapper so DDP knows a backward is coming); `G_net` / `D_net` are the plain
 modules, used where no gradient flows into that network's parameters so DDP's
@@ -21,26 +26,32 @@ import torch.nn.functional as F
 
 # Scales a loss before autograd.grad (fp16 gradient penalties, the AMP recipe).
 Scaler = Callable[[torch.Tensor], torch.Tensor]
+# What D's inputs go through (sg2dist.augment); identity when augmentation is off.
+Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def g_main_loss(G_ddp, D_net, gen_z, gen_c, style_mixing_prob: float):
+def _rt(real_logits: torch.Tensor) -> torch.Tensor:
+    return real_logits.detach().sign().float().mean()
+
+
+def g_main_loss(G_ddp, D_net, gen_z, gen_c, style_mixing_prob: float, augment: Augment = _identity):
     """Non-saturating logistic loss for G: softplus(-D(G(z)))."""
     gen_img = G_ddp(gen_z, gen_c, style_mixing_prob=style_mixing_prob)
-    gen_logits = D_net(gen_img, gen_c)
+    gen_logits = D_net(augment(gen_img), gen_c)
     loss = F.softplus(-gen_logits).mean()
     return loss, {"loss_G": loss.detach(), "D_fake_G": gen_logits.detach().mean()}
 
 
-def d_fake_loss(G_net, D_ddp, gen_z, gen_c, style_mixing_prob: float):
+def d_fake_loss(G_net, D_ddp, gen_z, gen_c, style_mixing_prob: float, augment: Augment = _identity):
     """D's logistic loss on fakes, softplus(D(G(z))); no gradient flows into G."""
     with torch.no_grad():
         # update_emas: the mapping net tracks w_avg on the fakes D sees, as in the official code.
         gen_img = G_net(gen_z, gen_c, style_mixing_prob=style_mixing_prob, update_emas=True)
-    gen_logits = D_ddp(gen_img, gen_c)
+    gen_logits = D_ddp(augment(gen_img), gen_c)
     loss = F.softplus(gen_logits).mean()
     return loss, {"loss_D_fake": loss.detach(), "D_fake": gen_logits.detach().mean()}
 
@@ -51,16 +62,27 @@ def can_combine_d_calls(batch: int, mbstd_group: int) -> bool:
 
 
 def d_main_loss(
-    G_net, D_ddp, real_img, real_c, gen_z, gen_c, style_mixing_prob: float, mbstd_group: int
+    G_net,
+    D_ddp,
+    real_img,
+    real_c,
+    gen_z,
+    gen_c,
+    style_mixing_prob: float,
+    mbstd_group: int,
+    augment: Augment = _identity,
 ):
     """D's logistic loss on fakes and reals in ONE D call (half the kernel launches).
 
     Minibatch stddev groups sample i with i + N/G, i + 2N/G, ...; interleaving the two
     halves per group keeps every group all-fake or all-real, exactly the groups that two
-    separate calls would form, so the result equals d_fake_loss + d_real_loss.
+    separate calls would form, so the result equals d_fake_loss + d_real_loss (fakes are
+    augmented before reals, in the same order as the two calls).
     """
     with torch.no_grad():
         gen_img = G_net(gen_z, gen_c, style_mixing_prob=style_mixing_prob, update_emas=True)
+    gen_img = augment(gen_img)
+    real_img = augment(real_img)
     n, G = len(real_img), mbstd_group
 
     def interleave(fake, real):  # [n, ...] x 2 -> [2n, ...], groups stay pure
@@ -77,29 +99,40 @@ def d_main_loss(
     stats = {
         "loss_D_fake": loss_fake.detach(), "D_fake": gen_logits.detach().mean(),
         "loss_D_real": loss_real.detach(), "D_real": real_logits.detach().mean(),
+        "augment_rt": _rt(real_logits),
     }  # fmt: skip
     return loss_fake + loss_real, stats
 
 
-def d_real_loss(D_ddp, real_img, real_c):
+def d_real_loss(D_ddp, real_img, real_c, augment: Augment = _identity):
     """D's logistic loss on reals, softplus(-D(x)).
 
     A separate D call and backward from the fakes: minibatch stddev groups must not
     mix reals and fakes, and DDP allows one forward per backward.
     """
-    real_logits = D_ddp(real_img, real_c)
+    real_logits = D_ddp(augment(real_img), real_c)
     loss = F.softplus(-real_logits).mean()
-    return loss, {"loss_D_real": loss.detach(), "D_real": real_logits.detach().mean()}
+    stats = {"loss_D_real": loss.detach(), "D_real": real_logits.detach().mean()}
+    return loss, {**stats, "augment_rt": _rt(real_logits)}
 
 
-def r1_loss(D_ddp, real_img, real_c, *, r1_gamma: float, gain: float, scale: Scaler = _identity):
+def r1_loss(
+    D_ddp,
+    real_img,
+    real_c,
+    *,
+    r1_gamma: float,
+    gain: float,
+    scale: Scaler = _identity,
+    augment: Augment = _identity,
+):
     """R1: (r1_gamma / 2) * ||dD(x)/dx||^2 on reals, times the lazy interval `gain`.
 
     `scale` multiplies the logits before autograd.grad and is divided out after,
     the AMP recipe that keeps fp16 input gradients from underflowing.
     """
     real_img = real_img.detach().requires_grad_(True)
-    real_logits = D_ddp(real_img, real_c)
+    real_logits = D_ddp(augment(real_img), real_c)
     (scaled_grads,) = torch.autograd.grad(
         outputs=scale(real_logits.sum()), inputs=real_img, create_graph=True
     )
@@ -109,7 +142,8 @@ def r1_loss(D_ddp, real_img, real_c, *, r1_gamma: float, gain: float, scale: Sca
     # `real_logits * 0` keeps every D parameter in the graph (the output bias has no
     # input gradient), so DDP sees a gradient for each and its reducer completes.
     loss = (real_logits.squeeze(1) * 0 + r1_penalty * (r1_gamma / 2)).mean() * gain
-    return loss, {"loss_r1": r1_penalty.detach().mean(), "D_real_r1": real_logits.detach().mean()}
+    stats = {"loss_r1": r1_penalty.detach().mean(), "D_real_r1": real_logits.detach().mean()}
+    return loss, {**stats, "augment_rt": _rt(real_logits)}
 
 
 def path_lengths(G_ddp, gen_z, gen_c, style_mixing_prob: float, scale: Scaler = _identity):

@@ -12,9 +12,11 @@ all-reduces the accumulated gradients), checks that the gradients are finite, an
 steps its optimizer.
 
 Randomness (latents, noise inputs, style-mixing crossovers, path-length noise) is
-drawn after seeding torch from (seed, step, phase, global micro-batch index). A
-step's result is therefore the same however the global batch is split over ranks
-and micro-batches, and a resumed run continues exactly.
+drawn after seeding torch from (seed, step, phase, global micro-batch index); the
+augmentation of D's inputs draws from its own generator seeded from the same four
+numbers. A step's result is therefore the same however the global batch is split over
+ranks and micro-batches, and a resumed run continues exactly. With augment.mode=ada,
+p is adjusted after every augment.interval-th step from r_t averaged over all ranks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sg2dist.augment import Augmenter, AugmentState, identity
 from sg2dist.config import TrainConfig
 from sg2dist.train import loss as L
 
@@ -94,6 +97,7 @@ class StepContext:
     reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # tensor -> mean over ranks
     scaler: torch.amp.GradScaler | None = None  # fp16 only
     mbstd_group: int = 4  # D's minibatch-stddev group (model.mbstd_group)
+    augmenter: Augmenter | None = None  # what D's inputs go through (None: nothing)
     # Wraps each phase and each optimizer step, named "Gmain".."Dreg", "opt_G", "opt_D":
     # `sg2dist bench step --profile` times them; training leaves it a no-op.
     phase_timer: Callable[[str], AbstractContextManager[Any]] = field(default=_untimed)
@@ -105,20 +109,22 @@ class StepContext:
 class StepState:
     """What one step hands to the next, kept on the training device: a step never reads a
     device value on the host, which would stall the queue of GPU work behind it (a sync).
-    The loop reads them at ticks, snapshots and every few steps. pl_mean and skipped_steps
-    are checkpointed; a resumed run starts a fresh streak of non-finite steps."""
+    The loop reads them at ticks, snapshots and every few steps. pl_mean, skipped_steps
+    and augment are checkpointed; a resumed run starts a fresh streak of non-finite steps."""
 
     pl_mean: torch.Tensor  # float64 scalar: running mean of path lengths
     skipped_steps: torch.Tensor  # int64 scalar: steps skipped for non-finite gradients, in all
     nonfinite_in_row: torch.Tensor  # int64 scalar: ... and in a row, up to the last step
+    augment: AugmentState = field(default_factory=AugmentState)  # ADA's p and r_t accumulator
 
     @classmethod
-    def on(cls, device: torch.device | str) -> StepState:
+    def on(cls, device: torch.device | str, augment: AugmentState | None = None) -> StepState:
         # float64: the running mean has the precision of the Python float it replaced.
         return cls(
             pl_mean=torch.zeros((), dtype=torch.float64, device=device),
             skipped_steps=torch.zeros((), dtype=torch.int64, device=device),
             nonfinite_in_row=torch.zeros((), dtype=torch.int64, device=device),
+            augment=augment if augment is not None else AugmentState(),
         )
 
 
@@ -135,12 +141,13 @@ def _phase_passes(
     real_c,
     gen_z,
     gen_c,
+    aug: L.Augment,
 ):
     """The (forward -> loss) closures of one phase for one micro-batch; one backward each."""
     t = ctx.train
     mix = t.style_mixing_prob
     if phase.name == "Gmain":
-        return [lambda: L.g_main_loss(nets.G_ddp, nets.D_net, gen_z, gen_c, mix)]
+        return [lambda: L.g_main_loss(nets.G_ddp, nets.D_net, gen_z, gen_c, mix, aug)]
     if phase.name == "Greg":
         n = max(len(gen_z) // t.pl_batch_shrink, 1)
 
@@ -156,12 +163,20 @@ def _phase_passes(
         if L.can_combine_d_calls(len(real_img), ctx.mbstd_group):
             return [
                 lambda: L.d_main_loss(
-                    nets.G_net, nets.D_ddp, real_img, real_c, gen_z, gen_c, mix, ctx.mbstd_group
+                    nets.G_net,
+                    nets.D_ddp,
+                    real_img,
+                    real_c,
+                    gen_z,
+                    gen_c,
+                    mix,
+                    ctx.mbstd_group,
+                    aug,
                 )
             ]
         return [
-            lambda: L.d_fake_loss(nets.G_net, nets.D_ddp, gen_z, gen_c, mix),
-            lambda: L.d_real_loss(nets.D_ddp, real_img, real_c),
+            lambda: L.d_fake_loss(nets.G_net, nets.D_ddp, gen_z, gen_c, mix, aug),
+            lambda: L.d_real_loss(nets.D_ddp, real_img, real_c, aug),
         ]
     if phase.name == "Dreg":
         return [
@@ -172,6 +187,7 @@ def _phase_passes(
                 r1_gamma=t.r1_gamma,
                 gain=phase.interval,
                 scale=_scale_fn(ctx),
+                augment=aug,
             )
         ]
     raise ValueError(f"unknown phase {phase.name}")
@@ -192,11 +208,16 @@ def _nonfinite_grads(module: torch.nn.Module, device: torch.device) -> torch.Ten
     return ~torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
 
+# micro_seed's extra argument for the augmentation generator: a stream of its own, so the
+# latents and noise of a step stay the same whether or not augmentation is on.
+AUGMENT_STREAM = 1
+
+
 def _run_phase(
     ctx: StepContext,
     nets: Nets,
     phase: Phase,
-    pl_mean: torch.Tensor,
+    state: StepState,
     step: int,
     phase_idx: int,
     micro_batches,
@@ -215,7 +236,11 @@ def _run_phase(
         torch.manual_seed(micro_seed(ctx.train.seed, step, phase_idx, global_micro))
         gen_z = torch.randn(len(real_img), nets.G_net.z_dim, device=real_img.device)
         gen_c = real_c[torch.randperm(len(real_c), device=real_c.device)]
-        passes = _phase_passes(ctx, nets, phase, pl_mean, real_img, real_c, gen_z, gen_c)
+        aug: L.Augment = identity
+        if ctx.augmenter is not None:
+            aug_seed = micro_seed(ctx.train.seed, step, phase_idx, global_micro, AUGMENT_STREAM)
+            aug = ctx.augmenter.for_micro_batch(aug_seed, state.augment.p)
+        passes = _phase_passes(ctx, nets, phase, state.pl_mean, real_img, real_c, gen_z, gen_c, aug)
         for pass_idx, compute in enumerate(passes):
             is_last = round_idx == num_rounds - 1 and pass_idx == len(passes) - 1
             # Sync point: DDP all-reduces gradients only in the very last backward.
@@ -261,9 +286,9 @@ def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_
         if step % phase.interval != 0:
             continue
         with ctx.phase_timer(phase.name):
-            opt, phase_stats = _run_phase(
-                ctx, nets, phase, state.pl_mean, step, phase_idx, micro_batches
-            )
+            opt, phase_stats = _run_phase(ctx, nets, phase, state, step, phase_idx, micro_batches)
+            if ctx.augmenter is not None and "augment_rt" in phase_stats:
+                ctx.augmenter.observe(state.augment, phase_stats["augment_rt"])
             if phase.name == "Greg":
                 # One pl_mean update per phase from the global batch: independent of the layout.
                 global_length = ctx.reduce_mean(torch.stack(phase_stats["pl_length"]).mean())
@@ -275,6 +300,8 @@ def train_step(ctx: StepContext, nets: Nets, state: StepState, step: int, micro_
             ctx.stats[key].append(torch.stack(values).mean())
     state.nonfinite_in_row = (state.nonfinite_in_row + 1) * any_skipped
     state.skipped_steps = state.skipped_steps + any_skipped
+    if ctx.augmenter is not None:
+        ctx.augmenter.after_step(state.augment, step + 1, ctx.reduce_mean)
     _set_trained(nets.G_opt, False)
     _set_trained(nets.D_opt, False)
 

@@ -1,6 +1,6 @@
 """Runs a few real training steps on fixed data; launched by test_distributed.py.
 
-Usage: python ddp_equivalence_worker.py OUT.pt BATCH BATCH_GPU STEPS [PRECISION [FREEZE_D]]
+Usage: python ddp_equivalence_worker.py OUT.pt BATCH BATCH_GPU STEPS [PRECISION [KEY=VALUE ...]]
 Under torchrun each rank takes the micro-batches that the global layout assigns it
 (global micro-batch j = round * world_size + rank), so any layout sees the same samples.
 """
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from support.tiny import tiny_model_sets
 
+from sg2dist.augment import initial_state
 from sg2dist.config import load_config
 from sg2dist.train.build import build_nets, build_step_context, make_accelerator
 from sg2dist.train.step import StepState, train_step, update_ema
@@ -30,7 +31,7 @@ def ddp_parameter_tensors(module: torch.nn.Module) -> int | None:
 def main() -> None:
     out, batch, batch_gpu, steps = sys.argv[1], *map(int, sys.argv[2:5])
     precision = sys.argv[5] if len(sys.argv) > 5 else "no"
-    freeze_d = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    extra_sets = sys.argv[6:]  # more config overrides, e.g. augment.mode=ada
     cfg = load_config(
         None,
         [
@@ -43,7 +44,7 @@ def main() -> None:
             "train.r1_gamma=1.0",
             "train.pl_batch_shrink=2",
             "train.style_mixing_prob=0.9",
-            f"train.freeze_d={freeze_d}",
+            *extra_sets,
         ],
     )
     acc = make_accelerator(cfg.train.precision)
@@ -51,9 +52,10 @@ def main() -> None:
     nets = build_nets(cfg, acc)
     D_init = {name: p.detach().clone() for name, p in nets.D_net.named_parameters()}
     ctx = build_step_context(cfg, acc)
-    state = StepState.on(acc.device)
+    state = StepState.on(acc.device, initial_state(cfg.augment))
     data = torch.Generator().manual_seed(1234)
     reals = torch.rand(steps * batch, 3, 16, 16, generator=data) * 2 - 1
+    rts: list[float] = []
     for step in range(steps):
         micro_batches = []
         for round_idx in range(accum):
@@ -61,6 +63,7 @@ def main() -> None:
             start = step * batch + j * batch_gpu
             micro_batches.append((reals[start : start + batch_gpu], torch.zeros(batch_gpu, 0)))
         train_step(ctx, nets, state, step, micro_batches)
+        rts.append(state.augment.rt)  # r_t of this step's ADA adjustment (nan if none)
         update_ema(
             nets.G_ema,
             nets.G_net,
@@ -82,6 +85,8 @@ def main() -> None:
                 "D": params(nets.D_net),
                 "G_ema": params(nets.G_ema),
                 "pl_mean": float(state.pl_mean),
+                "augment_p": state.augment.p,
+                "augment_rt": rts,
                 "D_init": D_init,
                 "D_trained": [n for n, p in nets.D_net.named_parameters() if id(p) in trained],
                 # How many tensors DDP's reducer all-reduces (None on one process: no DDP).

@@ -11,7 +11,9 @@ from support.ports import free_port
 WORKER = Path(__file__).with_name("ddp_equivalence_worker.py")
 
 
-def run_worker(out: Path, batch: int, batch_gpu: int, steps: int, nproc: int) -> dict:
+def run_worker(
+    out: Path, batch: int, batch_gpu: int, steps: int, nproc: int, extra_sets: tuple = ()
+) -> dict:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     if nproc == 1:
         cmd = [sys.executable, str(WORKER)]
@@ -26,7 +28,7 @@ def run_worker(out: Path, batch: int, batch_gpu: int, steps: int, nproc: int) ->
             str(WORKER),
         ]
     result = subprocess.run(
-        [*cmd, str(out), str(batch), str(batch_gpu), str(steps)],
+        [*cmd, str(out), str(batch), str(batch_gpu), str(steps), "no", *extra_sets],
         env=env,
         capture_output=True,
         text=True,
@@ -54,3 +56,22 @@ def test_two_processes_with_accumulation_match_one_process_on_the_same_samples(t
     # The comparison is meaningful: training moved the weights well beyond the tolerance.
     assert max_abs_diff(single["G"], moved["G"]) > 1e-3
     assert max_abs_diff(single["D"], moved["D"]) > 1e-3
+
+
+def test_two_processes_match_one_process_with_ada_while_p_adapts(tmp_path):
+    # p starts at 0.3, so the transforms really run, and moves by 8 x 1 / 160 = 0.05 after
+    # every step: augmentation draws and the all-reduced r_t must agree for p to stay equal.
+    # 2 steps: the first runs every phase (intervals 2) at p = 0.3, the second runs at the p
+    # of the first adjustment. A third step is not compared: by then a few weights whose
+    # gradient nearly cancels (Adam divides it by its own small size) differ by 1e-4 between
+    # summation orders, also with augment.mode=fixed, so the tolerance would say nothing.
+    ada = ("augment.mode=ada", "augment.p=0.3", "augment.interval=1", "augment.speed_kimg=0.16")
+    single = run_worker(tmp_path / "one.pt", batch=8, batch_gpu=2, steps=2, nproc=1, extra_sets=ada)
+    double = run_worker(tmp_path / "two.pt", batch=8, batch_gpu=2, steps=2, nproc=2, extra_sets=ada)
+    # r_t is the mean over the global batch, all-reduced: the same values, not just signs.
+    assert single["augment_rt"] == double["augment_rt"]
+    assert single["augment_p"] == double["augment_p"]
+    first_rt, second_rt = single["augment_rt"]
+    assert first_rt > 0.6 > second_rt  # p rose to 0.35 for the second step, then fell back
+    for net in ("G", "D", "G_ema"):
+        assert max_abs_diff(single[net], double[net]) < 1e-5, net

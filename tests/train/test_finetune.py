@@ -150,7 +150,7 @@ def run_worker(out: Path, nproc: int, freeze_d: int) -> dict:
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *(launch if nproc > 1 else []), str(WORKER)]
     result = subprocess.run(
-        [*cmd, str(out), "8", "2", "4", "no", str(freeze_d)],
+        [*cmd, str(out), "8", "2", "4", "no", f"train.freeze_d={freeze_d}"],
         env=env,
         capture_output=True,
         text=True,

@@ -74,6 +74,30 @@ def test_resume_after_k_steps_matches_2k_uninterrupted_steps(where, tmp_path, di
     assert_same_state(split, whole, atol=1e-6)
 
 
+def test_resume_with_ada_matches_an_uninterrupted_run_including_p(tmp_path, digits_url):
+    # p starts at 0.3 and moves by 8 x 4 / 640 = 0.05 after every 4th step. The split after
+    # step 5 falls mid-interval, so the r_t accumulator must survive the checkpoint too: the
+    # snapshot after step 7 holds the accumulator of steps 5-7 in both runs. (A tick per step,
+    # so that the split does not add a tick of its own.)
+    ada = [
+        "augment.mode=ada", "augment.p=0.3", "augment.speed_kimg=0.64", "run.snapshot_kimg=0.056",
+        "run.tick_kimg=0.008",
+    ]  # fmt: skip
+    run_train(tmp_path / "split", digits_url, 0.040, *ada)
+    halfway = ckpt.find_latest(str(tmp_path / "split"))
+    assert halfway.meta["augment"]["rt_count"] > 0
+    run_train(tmp_path / "split", digits_url, 0.096, *ada)
+    run_train(tmp_path / "whole", digits_url, 0.096, *ada)
+    for nimg in (56, 96):
+        split, whole = (
+            ckpt.load_checkpoint(str(tmp_path / run / "checkpoints" / ckpt.folder_name(nimg)))
+            for run in ("split", "whole")
+        )
+        assert split.meta["augment"] == whole.meta["augment"], nimg
+    assert split.meta["augment"]["p"] != 0.3  # 3 adjustments of +-0.05 cannot cancel out
+    assert_same_state(split, whole, atol=1e-6)
+
+
 def test_kill_during_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, digits_url):
     run_train(tmp_path / "crash", digits_url, 0.048)
     # Dies by SIGKILL after state.pt of the next checkpoint, before its meta.json.

@@ -204,3 +204,45 @@ def test_a_run_killed_while_logging_its_final_model_restarted_logs_it_once_and_t
     finished = client.get_run(run.info.run_id)
     assert finished.data.tags[GENERATOR_TAG] == uploaded.model_uri
     assert finished.info.status == "FINISHED"
+
+
+def test_ada_p_seeded_from_an_imported_pickle_is_logged_every_tick_and_on_the_tick_line(
+    tmp_path, mlflow_server, digits_url, monkeypatch
+):
+    from sg2dist.config import load_config
+    from sg2dist.model import build_networks
+    from sg2dist.train import checkpoint as ckpt
+
+    # A checkpoint as the official-pickle importer writes it: weights, config, and the
+    # pickle's augment_pipe.p under meta.json "imported".
+    cfg = load_config(None, TRAIN_TRACKING_SETS)
+    G, D = build_networks(cfg.model)
+    weights = {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G.state_dict()}
+    meta = {"config": cfg.to_dict(), "imported": {"augment_p": 0.25}}
+    ckpt.save_checkpoint(str(tmp_path / "imported"), 0, weights, meta)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **mlflow_server.client_env())
+    sets = [
+        *TRAIN_TRACKING_SETS, f"run.dir={tmp_path / 'run'}", f"data.url={digits_url}",
+        "train.kimg=0.032", "tracking.experiment=augment", "tracking.system_metrics=false",
+        "augment.mode=ada", "augment.p=from-checkpoint",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "sg2dist", "train", *set_args(sets),
+         "--init-from", str(tmp_path / "imported")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    ticks = [line for line in result.stdout.splitlines() if line.startswith("tick")]
+    assert len(ticks) == 2 and " augment_p 0.25 " in ticks[0], ticks  # before any adjustment
+    assert all(" augment_p " in line and " augment_rt " in line for line in ticks)
+
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("augment").experiment_id])
+    p_history = client.get_metric_history(run.info.run_id, "augment/p")
+    rt_history = client.get_metric_history(run.info.run_id, "augment/rt")
+    assert [m.step for m in p_history] == [m.step for m in rt_history] == [16, 32]
+    assert all(abs(m.value - 0.25) < 1e-3 for m in p_history)  # moves 6.4e-5 per 4 steps
+    assert all(-1 <= m.value <= 1 for m in rt_history)
+    assert run.data.params["augment.p"] == "from-checkpoint"

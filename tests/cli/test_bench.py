@@ -1,0 +1,17 @@
+"""`sg2dist bench step` with augmentation on: a full step runs and is timed."""
+
+import re
+
+from sg2dist import cli
+
+
+def test_bench_step_with_ada_runs_and_prints_its_setting(capsys):
+    argv = [
+        "bench", "step", "--resolution", "16", "--batch", "4", "--channel-base", "128",
+        "--channel-max", "16", "--map-layers", "1", "--cycles", "1",
+        "--augment", "ada", "--augment-p", "0.5",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "augment ada p=0.5" in out
+    assert float(re.search(r"sec_per_iter ([\d.]+)", out).group(1)) > 0
