@@ -122,18 +122,13 @@ def parse_metric(name: str) -> MetricSpec:
 
 def _local_weights(url: str) -> str:
     """A local path for `url`; an s3:// file is copied once into the torch hub cache."""
-    if storage.is_s3(url):
-        url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
-        local = Path(torch.hub.get_dir()) / "sg2dist" / f"{url_hash}-{url.rsplit('/', 1)[-1]}"
-        if not local.is_file():
-            storage.download_file(url, str(local))
-        return str(local)
-    if not os.path.isfile(url):
+    local = storage.cached_local_copy(url, Path(torch.hub.get_dir()) / "sg2dist")
+    if not os.path.isfile(local):
         raise UserError(
             f"metrics.inception_weights={url} does not exist; point it (or --inception-weights) "
             f"at a copy of {INCEPTION_FILE}"
         )
-    return url
+    return local
 
 
 def _sha256_prefix(path: str) -> str:

@@ -384,6 +384,18 @@ def download_file(url: str, local_path: str, *, client: Any = None) -> None:
             client.download_file(bucket, key, tmp_path)
 
 
+def cached_local_copy(url: str, cache_dir: str | os.PathLike[str]) -> str:
+    """A local path for `url`: the path itself, or for s3:// a copy downloaded once into
+    `cache_dir` (named by a hash of the URL, so two buckets' files of one name do not clash)."""
+    if not is_s3(url):
+        return url
+    url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
+    local = os.path.join(cache_dir, f"{url_hash}-{url.rsplit('/', 1)[-1]}")
+    if not os.path.isfile(local):
+        download_file(url, local)
+    return local
+
+
 # ---------------------------------------------------------------------------- writing
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from support.s3 import SeaweedFS
@@ -82,6 +83,23 @@ def test_s3_round_trip_of_bytes_text_and_files(s3_env, tmp_path):
     storage.upload_file(str(local), storage.join(base, "dir", "up.bin"))
     storage.download_file(storage.join(base, "dir", "up.bin"), str(tmp_path / "down.bin"))
     assert (tmp_path / "down.bin").read_bytes() == payload[:1000]
+
+
+def test_cached_local_copy_downloads_an_s3_file_once_and_passes_local_paths_through(
+    s3_env, tmp_path
+):
+    url = storage.join(s3_env.url, "weights", "w.pt")
+    storage.write_bytes(url, b"first")
+    cache = tmp_path / "cache"
+    local = storage.cached_local_copy(url, cache)
+    assert Path(local).read_bytes() == b"first" and local.startswith(str(cache))
+    storage.write_bytes(url, b"second")  # a cached copy is not fetched again
+    assert storage.cached_local_copy(url, cache) == local
+    assert Path(local).read_bytes() == b"first"
+    other = storage.join(s3_env.url, "elsewhere", "w.pt")  # same file name, another object
+    storage.write_bytes(other, b"other")
+    assert Path(storage.cached_local_copy(other, cache)).read_bytes() == b"other"
+    assert storage.cached_local_copy(str(tmp_path / "x.pt"), cache) == str(tmp_path / "x.pt")
 
 
 def test_s3_listdir_shows_immediate_children_and_remove_tree_spares_siblings(s3_env):

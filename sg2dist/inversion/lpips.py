@@ -24,7 +24,6 @@ holding torchvision's VGG16 `features.*` tensors and the LPIPS v0.1 linear weigh
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
@@ -118,15 +117,10 @@ def lpips_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> torch.
 
 def _local_path(url: str) -> str:
     """A local path for `url`; an s3:// file is copied once into the torch hub cache."""
-    if storage.is_s3(url):
-        url_hash = hashlib.sha256(url.encode()).hexdigest()[:12]
-        local = Path(torch.hub.get_dir()) / "sg2dist" / f"{url_hash}-{url.rsplit('/', 1)[-1]}"
-        if not local.is_file():
-            storage.download_file(url, str(local))
-        return str(local)
-    if not os.path.isfile(url):
+    local = storage.cached_local_copy(url, Path(torch.hub.get_dir()) / "sg2dist")
+    if not os.path.isfile(local):
         raise UserError(f"LPIPS weights {url} do not exist; {MISSING_HINT}")
-    return url
+    return local
 
 
 def _is_torchscript(path: str) -> bool:
