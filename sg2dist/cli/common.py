@@ -59,6 +59,17 @@ def add_batch_argument(parser: argparse.ArgumentParser, default: int) -> None:
     parser.add_argument("--batch", type=int, default=default, help="images per forward pass")
 
 
+def add_class_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--class",
+        dest="class_idx",
+        type=int,
+        default=None,
+        metavar="N",
+        help="class index for a conditional model (required there)",
+    )
+
+
 def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every generator command takes: which G_ema, where it runs, how it samples."""
     add_checkpoint_argument(parser)
@@ -82,14 +93,7 @@ def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
         default="const",
         help="per-pixel noise: const (reproducible, default), random (seeded), none",
     )
-    parser.add_argument(
-        "--class",
-        dest="class_idx",
-        type=int,
-        default=None,
-        metavar="N",
-        help="class index for a conditional model (required there)",
-    )
+    add_class_argument(parser)
     add_batch_argument(parser, default=16)
     add_device_argument(parser)
 

@@ -24,6 +24,7 @@ import torch
 from sg2dist import storage
 from sg2dist.cli.common import (
     add_checkpoint_argument,
+    add_class_argument,
     add_device_argument,
     check_class,
     load_generator_or_explain,
@@ -47,14 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the starting noise and w statistics (0)"
     )
-    parser.add_argument(
-        "--class",
-        dest="class_idx",
-        type=int,
-        default=None,
-        metavar="N",
-        help="class index for a conditional model (required there)",
-    )
+    add_class_argument(parser)
     parser.add_argument(
         "--w-plus", action="store_true", help="optimise one w per layer (W+) instead of one w"
     )

@@ -7,7 +7,6 @@ two train the quickstart for real.
 """
 
 import contextlib
-import hashlib
 import importlib.machinery
 import importlib.util
 import json
@@ -26,6 +25,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from support.checkpoints import checkpoint_files
 from support.ports import free_port
 
 from sg2dist.train import checkpoint as ckpt
@@ -361,16 +361,6 @@ def test_preempting_one_machine_checkpoints_both_and_neither_counts_as_finished(
             "exit non-zero (not 2) when it stopped before train.kimg"
         )
     assert code0 not in (0, 2), f"machine 0 exited {code0}:\n{out0[-2000:]}\n{err0[-2000:]}"
-
-
-def checkpoint_files(run_dir: Path) -> dict[str, str]:
-    """sha256 of every file under checkpoints/: equal dicts mean byte-identical checkpoints."""
-    root = run_dir / "checkpoints"
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
 
 
 def two_machine_training(

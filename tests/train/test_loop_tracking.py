@@ -1,6 +1,5 @@
 """A short training run logs to a real MLflow server; a resume continues the same MLflow run."""
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from support.checkpoints import checkpoint_files
 from support.ports import free_port
 from support.tiny import TRAIN_TRACKING_SETS, set_args
 
@@ -40,16 +40,6 @@ def train(run_dir: str, data_url: str, kimg: float, env: dict, *extra: str, expe
     )
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
-
-
-def checkpoint_files(run_dir: Path) -> dict[str, str]:
-    """sha256 of every file under checkpoints/: equal dicts mean byte-identical checkpoints."""
-    root = run_dir / "checkpoints"
-    return {
-        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
 
 
 def test_training_run_is_fully_visible_in_mlflow_and_resume_appends_to_the_same_run(
