@@ -48,7 +48,7 @@ from sg2dist.data.imageops import decode_into
 from sg2dist.data.manifest import Manifest, open_manifest
 from sg2dist.data.shards import OpenAhead, image_key, read_shard
 from sg2dist.data.workers import BatchRing, WorkerBatch, WorkerFailure, WorkerPool
-from sg2dist.errors import UserError
+from sg2dist.errors import TemporaryError, UserError
 from sg2dist.sampling import one_hot
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ class _WorkerStreams:
             corrupt = self.state.corrupt[worker] if self.state else 0
             yield from _resampled_batches(self.spec, worker, start, corrupt, client, ring)
         except UserError as exc:
-            yield WorkerFailure(str(exc))
+            yield WorkerFailure(str(exc), retryable=isinstance(exc, TemporaryError))
 
 
 class StreamLoader:
@@ -388,7 +388,7 @@ class StreamLoader:
         loader_worker, item = self._next_item()
         if isinstance(item, WorkerFailure):
             self.close()
-            raise UserError(item.message)
+            raise item.error()
         if isinstance(item, ExceptionWrapper):
             self.close()
             item.reraise()

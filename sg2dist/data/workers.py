@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch._utils import ExceptionWrapper
 
+from sg2dist.errors import TemporaryError, UserError
+
 RING_SLOTS = 3  # batches a worker may have ready ahead of the main process (see BatchRing)
 WORKER_CHECK_S = 1.0  # how often a waiting process checks that the other side still lives
 
@@ -51,6 +53,12 @@ class WorkerFailure:
     """A UserError raised in a worker, carried to the main process as one line."""
 
     message: str
+    # A TemporaryError (S3 unreachable): the trainer must exit with the retryable code, so
+    # that the Job resumes the run once storage is back, instead of failing it as a mistake.
+    retryable: bool = False
+
+    def error(self) -> UserError:
+        return TemporaryError(self.message) if self.retryable else UserError(self.message)
 
 
 class BatchRing:

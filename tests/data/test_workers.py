@@ -11,6 +11,8 @@ import pytest
 
 from sg2dist.data import stream
 from sg2dist.data.workers import RING_SLOTS, WORKER_CHECK_S
+from sg2dist.errors import EXIT_RETRYABLE, TemporaryError, UserError
+from sg2dist.storage import StorageUnavailableError
 
 
 def test_batches_kept_while_ring_slots_are_reused_equal_in_process_ones(stream_dataset, streams):
@@ -109,3 +111,25 @@ def test_an_unexpected_worker_exception_reaches_the_main_process(
     monkeypatch.setattr(stream, "decode_into", broken)
     with pytest.raises(RuntimeError, match="(?s)in data worker 0.*decoder bug"):
         next(streams.loader(stream_dataset, workers=1))
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (StorageUnavailableError("cannot reach S3 endpoint"), TemporaryError),
+        (UserError("shard is damaged"), UserError),
+    ],
+)
+def test_a_worker_error_keeps_whether_waiting_can_fix_it(
+    stream_dataset, streams, monkeypatch, raised, expected
+):
+    # An S3 outage met by a data worker must end the trainer with the retryable exit code
+    # (the Job resumes once storage is back), a damaged shard with the fatal one.
+    def failing(data, out, *, flip):
+        raise raised
+
+    monkeypatch.setattr(stream, "decode_into", failing)  # forked workers inherit it
+    with pytest.raises(UserError, match=str(raised)) as info:
+        next(streams.loader(stream_dataset, workers=1))
+    assert type(info.value) is expected
+    assert (info.value.exit_code == EXIT_RETRYABLE) == (expected is TemporaryError)
