@@ -53,6 +53,9 @@ class NullTracker:
         """One file as a run artifact; returns its `runs:/` URI, "" when nothing was logged."""
         return ""
 
+    def ensure_registered(self, model_uri: str, name: str) -> None:
+        """Register a logged model under `name` unless a version of it is registered."""
+
     def logged_generator_uri(self) -> str:
         """The URI of the generator model this run logged already ("" if none), so that a run
         restarted after it finished does not log it twice."""

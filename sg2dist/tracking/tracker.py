@@ -369,6 +369,27 @@ class Tracker(NullTracker):
             return ""
         return f"runs:/{self.run_id}/{artifact_folder}/{Path(local_path).name}"
 
+    def ensure_registered(self, model_uri: str, name: str) -> None:
+        """Register `model_uri` under `name` unless a version of it is there already: a run
+        killed between the model upload and its registration (both inside Model.log), then
+        restarted, finds the logged model and registers it here."""
+        model_id = model_uri.removeprefix("models:/")
+
+        def register() -> None:
+            versions = self._client.search_model_versions(f"name='{name}'")
+            if any(v.source == model_uri or v.model_id == model_id for v in versions):
+                return
+            if not versions:
+                try:
+                    self._client.create_registered_model(name)
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+            self._client.create_model_version(name, model_uri, self.run_id, model_id=model_id)
+
+        self._offline_until, self._last_warning = 0.0, -float("inf")
+        self._call(register)
+
     def logged_generator_uri(self) -> str:
         """The run's `generator_model_uri` tag, else the URI of a complete (READY) generator
         model logged by this run: a run killed after the upload but before the tag, then

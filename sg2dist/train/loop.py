@@ -398,8 +398,9 @@ def maybe_compute_metrics(session: Session) -> dict[str, float]:
 
 def log_final_generator(session: Session) -> str:
     """G_ema as an MLflow model, once per run; its URI becomes a run tag so users (and tests)
-    can load it. A run restarted after a kill during this (between the upload and the tag)
-    finds the model it logged and only sets the tag. Returns the URI ("" without MLflow)."""
+    can load it. A run restarted after a kill during this (between the upload, the
+    registration and the tag) finds the model it logged, registers it if asked and not yet
+    done, and sets the tag. Returns the URI ("" without MLflow)."""
     cfg, tracker = session.cfg, session.tracker
     model_uri = tracker.logged_generator_uri()
     if not model_uri:
@@ -407,6 +408,8 @@ def log_final_generator(session: Session) -> str:
             session.nets.G_ema, cfg, register_name=cfg.tracking.register_model
         )
         ckpt.failpoint("final-model-logged")
+    elif cfg.tracking.register_model:
+        tracker.ensure_registered(model_uri, cfg.tracking.register_model)
     if model_uri:
         tracker.set_tag(GENERATOR_TAG, model_uri)
     return model_uri

@@ -68,3 +68,28 @@ def test_a_run_finds_the_generator_it_logged_and_ignores_an_unfinished_upload(
     tracker.set_tag("generator_model_uri", model_uri)
     assert tracker.logged_generator_uri() == model_uri
     tracker.end()
+
+
+def test_a_logged_generator_is_registered_once_however_often_registration_is_ensured(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    # A run killed between the model upload and its registration, then restarted, finds the
+    # logged model and must register it: once, and never a second version of a registered one.
+    G, model_cfg = tiny_generator()
+    cfg = tracking_config(tmp_path, mlflow_server.uri)
+    cfg.model = model_cfg
+    client = MlflowClient(mlflow_server.uri)
+    tracker = Tracker.start(cfg, run_id=None, tags={})
+    unregistered, registered = (f"g-ema-{uuid.uuid4().hex[:6]}" for _ in range(2))
+
+    model_uri = tracker.log_generator(G, cfg)  # logged, registration never happened
+    assert client.search_model_versions(f"name='{unregistered}'") == []
+    for _ in range(2):
+        tracker.ensure_registered(model_uri, unregistered)
+    versions = client.search_model_versions(f"name='{unregistered}'")
+    assert [(v.version, v.run_id) for v in versions] == [("1", tracker.run_id)]
+
+    model_uri = tracker.log_generator(G, cfg, register_name=registered)  # registered by Model.log
+    tracker.ensure_registered(model_uri, registered)
+    assert [v.version for v in client.search_model_versions(f"name='{registered}'")] == ["1"]
+    tracker.end()
