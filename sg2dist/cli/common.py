@@ -17,6 +17,7 @@ import torch
 from sg2dist.config import Config
 from sg2dist.errors import UserError
 from sg2dist.model.generator import NOISE_MODES, Generator
+from sg2dist.sampling import class_labels, map_z
 
 MAX_SEED = 2**32 - 1  # np.random.RandomState accepts seeds in [0, 2**32)
 
@@ -198,6 +199,22 @@ def open_generator(
         check_class(G.c_dim, args.class_idx)
     check_trunc_cutoff(G.num_ws, getattr(args, "trunc_cutoff", None))
     return G, device
+
+
+def map_z_as_asked(
+    G: Generator, z: torch.Tensor, args: argparse.Namespace, device: torch.device
+) -> torch.Tensor:
+    """ws [N, num_ws, w_dim] of latents z [N, z_dim] with the command's --class, --trunc,
+    --trunc-cutoff and --batch."""
+    return map_z(
+        G,
+        z,
+        class_labels(G.c_dim, args.class_idx, len(z)),
+        truncation_psi=args.trunc,
+        truncation_cutoff=args.trunc_cutoff,
+        batch=args.batch,
+        device=device,
+    )
 
 
 def load_generator_or_explain(

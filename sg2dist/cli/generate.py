@@ -15,13 +15,17 @@ import numpy as np
 import torch
 
 from sg2dist import storage
-from sg2dist.cli.common import add_generator_arguments, check_suffix, open_generator, parse_seeds
+from sg2dist.cli.common import (
+    add_generator_arguments,
+    check_suffix,
+    map_z_as_asked,
+    open_generator,
+    parse_seeds,
+)
 from sg2dist.config import parse_grid
 from sg2dist.errors import UserError
 from sg2dist.model import Generator
 from sg2dist.sampling import (
-    class_labels,
-    map_z,
     synthesize_batches,
     tile_grid,
     truncate_ws,
@@ -104,15 +108,7 @@ def main(args: argparse.Namespace) -> int:
         seeds = parse_seeds(args.seeds)
         grid = check_grid(args, len(seeds), f"--seeds '{args.seeds}'") if args.grid else None
         G, device = open_generator(args)
-        ws = map_z(
-            G,
-            z_from_seeds(seeds, G.z_dim),
-            class_labels(G.c_dim, args.class_idx, len(seeds)),
-            truncation_psi=args.trunc,
-            truncation_cutoff=args.trunc_cutoff,
-            batch=args.batch,
-            device=device,
-        )
+        ws = map_z_as_asked(G, z_from_seeds(seeds, G.z_dim), args, device)
         names = [f"seed{seed:04d}.png" for seed in seeds]
         noise_seeds = seeds
     write_images(args, G, ws, names, noise_seeds, grid, device)

@@ -14,14 +14,18 @@ import argparse
 import numpy as np
 
 from sg2dist import storage
-from sg2dist.cli.common import add_generator_arguments, check_suffix, open_generator, parse_seeds
+from sg2dist.cli.common import (
+    add_generator_arguments,
+    check_suffix,
+    map_z_as_asked,
+    open_generator,
+    parse_seeds,
+)
 from sg2dist.errors import UserError
 from sg2dist.sampling import (
-    class_labels,
     encode_gif,
     encode_mp4,
     lerp,
-    map_z,
     slerp,
     synthesize_batches,
     walk,
@@ -55,23 +59,11 @@ def main(args: argparse.Namespace) -> int:
 
     G, device = open_generator(args)
 
-    def to_ws(z):
-        c = class_labels(G.c_dim, args.class_idx, len(z))
-        return map_z(
-            G,
-            z,
-            c,
-            truncation_psi=args.trunc,
-            truncation_cutoff=args.trunc_cutoff,
-            batch=args.batch,
-            device=device,
-        )
-
     z_keys = z_from_seeds(seeds, G.z_dim)
     if args.space == "z":
-        ws = to_ws(walk(z_keys, args.frames, slerp))
+        ws = map_z_as_asked(G, walk(z_keys, args.frames, slerp), args, device)
     else:
-        ws = walk(to_ws(z_keys), args.frames, lerp)
+        ws = walk(map_z_as_asked(G, z_keys, args, device), args.frames, lerp)
     # Under random noise every frame uses the first seed's noise, so the walk does not flicker.
     batches = synthesize_batches(
         G,

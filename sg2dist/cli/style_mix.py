@@ -16,14 +16,13 @@ import torch
 from sg2dist.cli.common import (
     add_generator_arguments,
     check_suffix,
+    map_z_as_asked,
     open_generator,
     parse_int_list,
     parse_seeds,
 )
 from sg2dist.errors import UserError
 from sg2dist.sampling import (
-    class_labels,
-    map_z,
     mixed_ws,
     synthesize,
     tile_grid,
@@ -74,15 +73,7 @@ def main(args: argparse.Namespace) -> int:
             f"0..{G.num_ws - 1}; pick indices in that range"
         )
     source_seeds = list(dict.fromkeys(col_seeds + row_seeds))
-    source_ws = map_z(
-        G,
-        z_from_seeds(source_seeds, G.z_dim),
-        class_labels(G.c_dim, args.class_idx, len(source_seeds)),
-        truncation_psi=args.trunc,
-        truncation_cutoff=args.trunc_cutoff,
-        batch=args.batch,
-        device=device,
-    )
+    source_ws = map_z_as_asked(G, z_from_seeds(source_seeds, G.z_dim), args, device)
     ws_by_seed = dict(zip(source_seeds, source_ws, strict=True))
     cell_ws = mixed_ws(ws_by_seed, row_seeds, col_seeds, styles)
     # One pass for the border images and the mixed cells; under random noise a source
