@@ -17,12 +17,18 @@ from support.tiny import tiny_generator
 from sg2dist.tracking.tracker import Tracker
 
 
-def test_logged_generator_loads_back_as_pyfunc_and_reproduces_g_ema_images(
-    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def tiny_generator_and_config(mlflow_server: MlflowServer, tmp_path: Path):
+    """A tiny G and a config tracking to `mlflow_server` whose model section describes it."""
     G, model_cfg = tiny_generator()
     cfg = tracking_config(tmp_path, mlflow_server.uri)
     cfg.model = model_cfg
+    return G, cfg
+
+
+def test_logged_generator_loads_back_as_pyfunc_and_reproduces_g_ema_images(
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    G, cfg = tiny_generator_and_config(mlflow_server, tmp_path)
     register_name = f"g-ema-{uuid.uuid4().hex[:6]}"
     tracker = Tracker.start(cfg, run_id=None, tags={})
     model_uri = tracker.log_generator(G, cfg, register_name=register_name)
@@ -49,9 +55,7 @@ def test_logged_generator_loads_back_as_pyfunc_and_reproduces_g_ema_images(
 def test_a_run_finds_the_generator_it_logged_and_ignores_an_unfinished_upload(
     mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
-    G, model_cfg = tiny_generator()
-    cfg = tracking_config(tmp_path, mlflow_server.uri)
-    cfg.model = model_cfg
+    G, cfg = tiny_generator_and_config(mlflow_server, tmp_path)
     tracker = Tracker.start(cfg, run_id=None, tags={})
     client = MlflowClient(mlflow_server.uri)
     experiment_id = client.get_run(tracker.run_id).info.experiment_id
@@ -75,9 +79,7 @@ def test_a_logged_generator_is_registered_once_however_often_registration_is_ens
 ) -> None:
     # A run killed between the model upload and its registration, then restarted, finds the
     # logged model and must register it: once, and never a second version of a registered one.
-    G, model_cfg = tiny_generator()
-    cfg = tracking_config(tmp_path, mlflow_server.uri)
-    cfg.model = model_cfg
+    G, cfg = tiny_generator_and_config(mlflow_server, tmp_path)
     client = MlflowClient(mlflow_server.uri)
     tracker = Tracker.start(cfg, run_id=None, tags={})
     unregistered, registered = (f"g-ema-{uuid.uuid4().hex[:6]}" for _ in range(2))
