@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support.tiny import tiny_model_sets
 
 from sg2dist.augment import initial_state
+from sg2dist.cli import leave_process_group
 from sg2dist.config import load_config
 from sg2dist.train.build import build_nets, build_step_context, make_accelerator
 from sg2dist.train.step import StepState, train_step, update_ema
@@ -94,6 +95,7 @@ def main() -> None:
             },
             out,
         )
+    leave_process_group()  # as the `sg2dist` command does: no SIGABRT at interpreter exit
 
 
 if __name__ == "__main__":

@@ -1,47 +1,6 @@
 """2 real processes (gloo on CPU) train exactly like 1 process with the same global batch."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import torch
-from support.ports import free_port
-
-WORKER = Path(__file__).with_name("ddp_equivalence_worker.py")
-
-
-def run_worker(
-    out: Path, batch: int, batch_gpu: int, steps: int, nproc: int, extra_sets: tuple = ()
-) -> dict:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(WORKER),
-        ]
-    result = subprocess.run(
-        [*cmd, str(out), str(batch), str(batch_gpu), str(steps), "no", *extra_sets],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out, weights_only=True)
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    return max(
-        (a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point()
-    )
+from support.ddp import max_abs_diff, run_worker
 
 
 def test_two_processes_with_accumulation_match_one_process_on_the_same_samples(tmp_path):

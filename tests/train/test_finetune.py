@@ -6,10 +6,10 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from support.ddp import run_worker
 from support.official_pickle import random_networks, write_official_pickle
 from support.tiny import (
     TINY_DIGITS_MODEL,
@@ -26,7 +26,6 @@ from sg2dist.model import build_networks
 from sg2dist.train import checkpoint as ckpt
 from sg2dist.train.build import freeze_d_layers, resolve_dataset
 
-WORKER = Path(__file__).with_name("ddp_equivalence_worker.py")
 DIGITS_MODEL = tiny_model_config(TINY_DIGITS_MODEL)  # the shape of the digits dataset
 
 
@@ -144,26 +143,11 @@ def test_freeze_d_counts_layers_from_the_top_like_the_official_code():
         freeze_d_layers(D, 11)
 
 
-def run_worker(out: Path, nproc: int, freeze_d: int) -> dict:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    # --standalone: torchrun's agent binds its own rendezvous port and keeps it.
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *(launch if nproc > 1 else []), str(WORKER)]
-    result = subprocess.run(
-        [*cmd, str(out), "8", "2", "4", "no", f"train.freeze_d={freeze_d}"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out, weights_only=True)
-
-
 def test_freeze_d_keeps_frozen_layers_bitwise_and_two_processes_equal_one(tmp_path):
     # 4 steps: Gmain, Greg, Dmain and Dreg (R1 through the frozen layers) all run.
-    single = run_worker(tmp_path / "one.pt", nproc=1, freeze_d=4)
-    double = run_worker(tmp_path / "two.pt", nproc=2, freeze_d=4)
+    freeze = ("train.freeze_d=4",)
+    single = run_worker(tmp_path / "one.pt", 8, 2, steps=4, nproc=1, extra_sets=freeze)
+    double = run_worker(tmp_path / "two.pt", 8, 2, steps=4, nproc=2, extra_sets=freeze)
     frozen = {n for n in single["D"] if n.startswith(("fromrgb.", "blocks.b16."))}
     assert len(frozen) == 7 and set(single["D_trained"]) == set(single["D"]) - frozen
     for run in (single, double):
