@@ -76,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 def leave_process_group() -> None:
     """End the process group a command joined (train, bench, metrics under a launcher).
 
-    Left to interpreter shutdown, gloo's worker threads can still hold work whose tensors need
-    the GIL while Python tears down: the process dies of SIGABRT ("terminate called without an
-    active exception") after a run that succeeded, and the launcher reports that rank failed
-    (seen in CI, in the tests' 2-process training worker). Destroying the group is local to
-    this rank, never a collective, so a rank that ends early or on an error does not wait for
-    the others.
+    PyTorch asks every program that starts a group to destroy it: NCCL then releases its
+    communicators before interpreter shutdown instead of during it (where every rank warns
+    "process group has NOT been destroyed"). Destroying is local to this rank, never a
+    collective, so a rank that ends early or on an error does not wait for the others.
     """
     dist = sys.modules.get("torch.distributed")  # not imported: a command that never needed it
     if dist is not None and dist.is_available() and dist.is_initialized():

@@ -95,7 +95,7 @@ def main() -> None:
             },
             out,
         )
-    leave_process_group()  # as the `sg2dist` command does: no SIGABRT at interpreter exit
+    leave_process_group()  # as the `sg2dist` command does
 
 
 if __name__ == "__main__":
