@@ -20,8 +20,8 @@ def environment_of_its_own():
     HTTP retries; the bench: CUDA_VISIBLE_DEVICES). Left behind, they reach every process a
     later test starts, from its first instruction: with TORCH_FR_BUFFER_SIZE and
     TORCH_FR_DUMP_ON_TIMEOUT set at start, a gloo rank that exits right after its last
-    collective is killed by SIGABRT in 1 run of 15 on this machine (a worker thread drops the
-    finished all-reduce during interpreter shutdown), which failed CI twice.
+    collective is killed by SIGABRT in about 1 run of 18 (a gloo worker thread drops the
+    finished all-reduce during interpreter shutdown): 7 of 124 runs here, and red CI.
     """
     saved = dict(os.environ)
     yield

@@ -18,13 +18,13 @@ def run_worker(
 ) -> dict:
     """Train `steps` steps on the worker's fixed data; what rank 0 saved to `out`."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(WORKER)]
+    launch = []
     if nproc > 1:
         # An explicit rendezvous port from the suite's picker (support/ports.py), not
         # --standalone, whose agent picks its ports from the ephemeral range.
-        launch = [f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", *launch,
-               f"--master_port={free_port()}", str(WORKER)]  # fmt: skip
+        rendezvous = ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+        launch = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *rendezvous]
+    cmd = [sys.executable, *launch, str(WORKER)]
     result = subprocess.run(
         [*cmd, str(out), str(batch), str(batch_gpu), str(steps), "no", *extra_sets],
         env=env,
