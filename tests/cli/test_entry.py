@@ -2,13 +2,9 @@
 
 import pytest
 import torch.distributed as dist
-from support.tiny import tiny_model_sets
+from support.tiny import set_args, tiny_model_sets
 
 from sg2dist.cli import main
-
-
-def sets(*pairs: str) -> list[str]:
-    return [arg for pair in pairs for arg in ("--set", pair)]
 
 
 @pytest.fixture
@@ -29,7 +25,7 @@ def process_group(tmp_path):
 def test_a_command_leaves_the_process_group_it_ran_in(process_group, capsys, extra, exit_code):
     # Not left to interpreter shutdown: PyTorch asks programs to destroy their groups.
     assert dist.is_initialized()
-    assert main(["summary", *sets(*tiny_model_sets(), *extra)]) == exit_code
+    assert main(["summary", *set_args([*tiny_model_sets(), *extra])]) == exit_code
     assert not dist.is_initialized()
     if exit_code:
         assert "model.no_such_key" in capsys.readouterr().err
