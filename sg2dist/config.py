@@ -9,6 +9,7 @@ in `configs/` list only what differs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -46,6 +47,9 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+FIR_KERNELS = ("auto", "triton")
+
+
 @dataclass
 class ModelConfig:
     resolution: int = 1024
@@ -65,6 +69,7 @@ class ModelConfig:
     )
     num_fp16_res: int = 0  # run the N highest resolutions in fp16 (official scheme); 0 = off
     fused_modconv: bool = False  # grouped-conv form of modulated conv (fast for inference)
+    fir_kernel: str = "auto"  # FIR resampling on CUDA: auto (PyTorch convs) or triton
 
     def validate(self) -> None:
         if not (4 <= self.resolution <= 1024 and _is_power_of_two(self.resolution)):
@@ -83,6 +88,16 @@ class ModelConfig:
             raise ConfigError(f"model.c_dim={self.c_dim} must be >= 0 (0 = unconditional)")
         if not 0.0 <= self.w_avg_beta <= 1.0:
             raise ConfigError(f"model.w_avg_beta={self.w_avg_beta} must be in [0, 1], e.g. 0.995")
+        if self.fir_kernel not in FIR_KERNELS:
+            raise ConfigError(
+                f"model.fir_kernel='{self.fir_kernel}' is not one of {', '.join(FIR_KERNELS)}; "
+                "use auto unless you measured triton faster on your GPU"
+            )
+        if self.fir_kernel == "triton" and importlib.util.find_spec("triton") is None:
+            raise ConfigError(
+                "model.fir_kernel=triton needs the `triton` package (Linux builds of torch "
+                "install it); install it or set model.fir_kernel=auto"
+            )
 
 
 @dataclass
@@ -449,21 +464,26 @@ def load_config(
 
 
 # Model keys that change how the same weights are computed, not which weights exist: a config
-# may set them whatever the --init-from source used.
-_FREE_MODEL_KEYS = ("fused_modconv",)
+# may set them whatever the --init-from source used, and a resumed run may change them.
+FREE_MODEL_KEYS = ("fused_modconv", "fir_kernel")
+
+
+def same_weights(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether two model configs describe the same weights (they may differ in FREE_MODEL_KEYS)."""
+    return dataclasses.replace(a, **{key: getattr(b, key) for key in FREE_MODEL_KEYS}) == b
 
 
 def _take_model(cfg: Config, source: ModelConfig, set_keys: set[str], source_name: str) -> None:
     for key in sorted(k for k in set_keys if k.startswith("model.")):
         name = key.partition(".")[2]
         mine, theirs = getattr(cfg.model, name), getattr(source, name)
-        if name not in _FREE_MODEL_KEYS and mine != theirs:
+        if name not in FREE_MODEL_KEYS and mine != theirs:
             raise ConfigError(
                 f"{key}={mine} in the config, but --init-from {source_name} has {key}={theirs}; "
                 f"drop {key} from the config (model.* comes from --init-from)"
             )
     free = {
-        name: getattr(cfg.model, name) for name in _FREE_MODEL_KEYS if f"model.{name}" in set_keys
+        name: getattr(cfg.model, name) for name in FREE_MODEL_KEYS if f"model.{name}" in set_keys
     }
     cfg.model = dataclasses.replace(source, **free)
 

@@ -2,7 +2,8 @@
 
     sg2dist bench data URL --batch B --workers W [--batches N]
     sg2dist bench step --resolution R --batch B [--channel-base --channel-max] [--device cpu|cuda]
-                       [--precision fp32|bf16|fp16] [--compile] [--augment ada --augment-p P]
+                       [--precision fp32|bf16|fp16] [--compile] [--fir-kernel auto|triton]
+                       [--augment ada --augment-p P]
 
 The measurements live beside what they measure (sg2dist/data/bench.py,
 sg2dist/train/bench.py); this module parses and prints.
@@ -14,6 +15,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from sg2dist import storage
+from sg2dist.config import FIR_KERNELS
+from sg2dist.errors import UserError
 
 if TYPE_CHECKING:
     from sg2dist.train.bench import PhaseProfile
@@ -94,6 +97,12 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile G and D")
+    parser.add_argument(
+        "--fir-kernel",
+        choices=list(FIR_KERNELS),
+        default="auto",
+        help="model.fir_kernel: how the FIR filters run on CUDA (default auto)",
+    )
     parser.add_argument("--cycles", type=int, default=2, help="timed 16-iteration cycles")
     parser.add_argument(
         "--augment",
@@ -118,6 +127,11 @@ def run_step(args: argparse.Namespace) -> int:
 
     from sg2dist.train.bench import StepBenchSettings, run_step_bench
 
+    if args.fir_kernel == "triton" and args.device != "cuda":
+        raise UserError(
+            "--fir-kernel triton runs on CUDA only (on a CPU the filters are depthwise "
+            "convolutions whatever the setting); add --device cuda or drop --fir-kernel"
+        )
     settings = StepBenchSettings(
         resolution=args.resolution,
         batch=args.batch,
@@ -128,6 +142,7 @@ def run_step(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        fir_kernel=args.fir_kernel,
         cycles=args.cycles,
         augment=args.augment,
         augment_p=args.augment_p,
@@ -136,13 +151,14 @@ def run_step(args: argparse.Namespace) -> int:
     device = (
         torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
     )
-    augment = ""
+    variant = " compiled" if args.compile else ""
+    variant += f" fir {args.fir_kernel}" if args.fir_kernel != "auto" else ""
     if args.augment != "none":
         p = f" p={args.augment_p:g}" if args.augment in ("ada", "fixed") else ""
-        augment = f" augment {args.augment}{p}"
+        variant += f" augment {args.augment}{p}"
     print(
         f"bench step: {args.resolution}px batch {args.batch} base {args.channel_base} "
-        f"max {args.channel_max} {args.precision}{' compiled' if args.compile else ''}{augment} "
+        f"max {args.channel_max} {args.precision}{variant} "
         f"on {device}: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items())
     )
     if profile is not None:

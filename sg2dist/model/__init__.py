@@ -13,6 +13,7 @@ from __future__ import annotations
 from sg2dist.config import ConfigError, ModelConfig
 from sg2dist.model.discriminator import Discriminator
 from sg2dist.model.generator import Generator
+from sg2dist.model.layers import use_fir_kernel_
 
 __all__ = ["Discriminator", "Generator", "build_networks", "count_params"]
 
@@ -51,7 +52,7 @@ def build_networks(model_cfg: ModelConfig) -> tuple[Generator, Discriminator]:
         num_fp16_res=model_cfg.num_fp16_res,
         conv_clamp=model_cfg.conv_clamp,
     )
-    return G, D
+    return use_fir_kernel_(G, model_cfg.fir_kernel), use_fir_kernel_(D, model_cfg.fir_kernel)
 
 
 def count_params(module) -> int:

@@ -155,6 +155,7 @@ class SynthesisLayer(nn.Module):
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.register_buffer("noise_const", torch.randn([resolution, resolution]))
         self.register_buffer("fir", fir_filter(), persistent=False)
+        self.fir_kernel = "auto"  # `use_fir_kernel_`
 
     def forward(
         self,
@@ -184,6 +185,7 @@ class SynthesisLayer(nn.Module):
             noise=noise,
             bias_O=self.bias * LRELU_GAIN,
             fused=fused_modconv,
+            fir_kernel=self.fir_kernel,
         )
         return lrelu_clamp_(x, self.conv_clamp)
 
@@ -246,6 +248,7 @@ class SynthesisBlock(nn.Module):
         self.torgb = ToRGB(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
         self.num_conv = 1 if in_channels == 0 else 2
         self.register_buffer("fir", fir_filter(), persistent=False)
+        self.fir_kernel = "auto"  # `use_fir_kernel_`
 
     def forward(
         self,
@@ -268,7 +271,7 @@ class SynthesisBlock(nn.Module):
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, fused_modconv)
             x = self.conv1(x, ws[:, 1], noise_mode, fused_modconv)
         y = self.torgb(x, ws[:, self.num_conv], fused_modconv).to(ws.dtype)
-        img = y if img is None else y.add_(upsample2d(img, self.fir))
+        img = y if img is None else y.add_(upsample2d(img, self.fir, kernel=self.fir_kernel))
         return x, img
 
 

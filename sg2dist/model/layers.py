@@ -21,6 +21,7 @@ Conventions shared by every layer here:
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import TypeVar
 
@@ -93,52 +94,80 @@ def _depthwise(f_kk: torch.Tensor, channels: int, gain: float, dtype: torch.dtyp
     return conv_layout((f_kk * gain).to(dtype).expand(channels, 1, *f_kk.shape))
 
 
-def upsample2d(
-    x: torch.Tensor, f_kk: torch.Tensor, *, native_adjoints: bool | None = None
-) -> torch.Tensor:
+def upsample2d(x: torch.Tensor, f_kk: torch.Tensor, *, kernel: str = "auto") -> torch.Tensor:
     """[N, C, H, W] -> [N, C, 2H, 2W]: zero insertion, pad (2, 1), filter with gain 4.
 
     A transposed depthwise convolution with stride 2 and padding 1 does exactly that in
-    one call, without materialising the zero-filled image. `native_adjoints` (default: on
-    CUDA): see `_FirConv`.
+    one call, without materialising the zero-filled image. `kernel`: see `fir_form`.
     """
-    kernel = _depthwise(f_kk, x.shape[1], 4.0, x.dtype)
+    form = fir_form(x, kernel)
+    if form == "triton":
+        return _triton_fir().upfirdn2d(x, f_kk * 4.0, up=2, pad=(2, 1))
+    weight = _depthwise(f_kk, x.shape[1], 4.0, x.dtype)
     N, C, H, W = x.shape
-    if _use_native_adjoints(x, native_adjoints):
-        return _FirAdjoint.apply(x, kernel, 2, 1, (N, C, 2 * H, 2 * W))
-    return _DepthwiseFIR.apply(x, kernel, 2, 1, True)
+    if form == "native":
+        return _FirAdjoint.apply(x, weight, 2, 1, (N, C, 2 * H, 2 * W))
+    return _DepthwiseFIR.apply(x, weight, 2, 1, True)
 
 
-def downsample2d(
-    x: torch.Tensor, f_kk: torch.Tensor, *, native_adjoints: bool | None = None
-) -> torch.Tensor:
+def downsample2d(x: torch.Tensor, f_kk: torch.Tensor, *, kernel: str = "auto") -> torch.Tensor:
     """[N, C, H, W] -> [N, C, H/2, W/2]: pad (1, 1), filter, keep every second pixel.
 
     The stride-2 convolution computes only the pixels that are kept.
     """
-    kernel = _depthwise(f_kk, x.shape[1], 1.0, x.dtype)
-    if _use_native_adjoints(x, native_adjoints):
-        return _FirConv.apply(x, kernel, 2, 1)
-    return _DepthwiseFIR.apply(x, kernel, 2, 1, False)
+    form = fir_form(x, kernel)
+    if form == "triton":
+        return _triton_fir().upfirdn2d(x, f_kk, down=2, pad=(1, 1))
+    weight = _depthwise(f_kk, x.shape[1], 1.0, x.dtype)
+    if form == "native":
+        return _FirConv.apply(x, weight, 2, 1)
+    return _DepthwiseFIR.apply(x, weight, 2, 1, False)
 
 
 def blur2d(
-    x: torch.Tensor,
-    f_kk: torch.Tensor,
-    pad: int,
-    gain: float = 1.0,
-    *,
-    native_adjoints: bool | None = None,
+    x: torch.Tensor, f_kk: torch.Tensor, pad: int, gain: float = 1.0, *, kernel: str = "auto"
 ) -> torch.Tensor:
     """Filter each channel with symmetric zero padding `pad` (no resampling)."""
-    kernel = _depthwise(f_kk, x.shape[1], gain, x.dtype)
-    if _use_native_adjoints(x, native_adjoints):
-        return _FirConv.apply(x, kernel, 1, pad)
-    return _DepthwiseFIR.apply(x, kernel, 1, pad, False)
+    form = fir_form(x, kernel)
+    if form == "triton":
+        return _triton_fir().upfirdn2d(x, f_kk * gain, pad=(pad, pad))
+    weight = _depthwise(f_kk, x.shape[1], gain, x.dtype)
+    if form == "native":
+        return _FirConv.apply(x, weight, 1, pad)
+    return _DepthwiseFIR.apply(x, weight, 1, pad, False)
 
 
-def _use_native_adjoints(x: torch.Tensor, native_adjoints: bool | None) -> bool:
-    return x.is_cuda if native_adjoints is None else native_adjoints
+def fir_form(x: torch.Tensor, kernel: str) -> str:
+    """How the FIR filters run on `x` for the requested `kernel`.
+
+    - "auto": "depthwise" on CPU (`_DepthwiseFIR`, oneDNN runs both directions natively),
+      "native" elsewhere (`_FirConv` / `_FirAdjoint`, no cuDNN grouped transposed conv).
+    - "triton": the Triton kernel (`fir_triton`) where it can run (CUDA), "auto" elsewhere,
+      so a model trained with it still runs, exports and samples on a CPU.
+    - "depthwise" or "native": that form on any device (tests compare the forms on CPU).
+    """
+    if kernel == "triton":
+        return "triton" if _triton_fir().runs_on(x) else fir_form(x, "auto")
+    if kernel == "auto":
+        return "native" if x.is_cuda else "depthwise"
+    if kernel not in ("depthwise", "native"):
+        raise ValueError(f"FIR kernel '{kernel}' is not one of auto, triton, depthwise, native")
+    return kernel
+
+
+def _triton_fir():
+    # Imported on first use: only runs that ask for the Triton kernel need `triton`.
+    return importlib.import_module("sg2dist.model.fir_triton")
+
+
+def use_fir_kernel_(module: ModuleT, kernel: str) -> ModuleT:
+    """Make every layer of `module` that filters (it holds a `fir` buffer) use `kernel`
+    ("auto" or "triton", `ModelConfig.fir_kernel`)."""
+    for layer in module.modules():
+        if "fir" in layer._buffers:
+            # setattr: nn.Module.__setattr__ is typed for tensors and modules only.
+            setattr(layer, "fir_kernel", kernel)  # noqa: B010
+    return module
 
 
 def _fir_conv(x, kernel, stride: int, padding: int, transposed: bool, output_padding=0):
@@ -311,15 +340,16 @@ class Conv2dLayer(nn.Module):
         self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size**2)
         self.act_gain = activation_gain(activation)
         self.register_buffer("fir", fir_filter(), persistent=False)
+        self.fir_kernel = "auto"  # `use_fir_kernel_`
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         act_gain = self.act_gain * gain
         w = conv_layout((self.weight * (self.weight_gain * act_gain)).to(x.dtype))
         b = (self.bias * act_gain).to(x.dtype) if self.bias is not None else None
         if self.down and self.kernel_size == 1:
-            x = F.conv2d(downsample2d(x, self.fir), w, b)
+            x = F.conv2d(downsample2d(x, self.fir, kernel=self.fir_kernel), w, b)
         elif self.down:
-            x = F.conv2d(blur2d(x, self.fir, pad=2), w, b, stride=2)
+            x = F.conv2d(blur2d(x, self.fir, pad=2, kernel=self.fir_kernel), w, b, stride=2)
         else:
             x = F.conv2d(x, w, b, padding=self.kernel_size // 2)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
@@ -359,13 +389,15 @@ def modulated_conv2d(
     noise: torch.Tensor | None = None,
     bias_O: torch.Tensor | None = None,
     fused: bool = False,
+    fir_kernel: str = "auto",
 ) -> torch.Tensor:
     """conv(x, weight scaled per sample by `styles` on its input channels [and demodulated])
     * out_gain + noise + bias.
 
     `noise` ([N or 1, 1, H, W] or [H, W]) and `bias_O` are added as given (the caller scales
     them). `up=True` doubles the resolution like the official code: a stride-2 transposed
-    convolution followed by the FIR filter (pad 1, gain 4); it needs `fir`.
+    convolution followed by the FIR filter (pad 1, gain 4); it needs `fir`, run by
+    `fir_kernel` (see `fir_form`).
 
     Two equivalent forms:
     - fused=False: scale the activations by the styles, run one convolution with the shared
@@ -411,7 +443,7 @@ def modulated_conv2d(
         if fir is None:
             raise ValueError("modulated_conv2d(up=True) needs the FIR filter `fir`")
         # The per-channel scale commutes with the per-channel filter, so it can wait.
-        y = blur2d(y, fir, pad=1, gain=4.0)
+        y = blur2d(y, fir, pad=1, gain=4.0, kernel=fir_kernel)
     return _add_noise_bias(y, noise, bias_O, pending_scale_NO)
 
 

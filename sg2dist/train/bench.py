@@ -40,6 +40,7 @@ class StepBenchSettings:
     device: str = "cpu"  # cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the main phases (R1 / path length stay eager)
+    fir_kernel: str = "auto"  # model.fir_kernel: auto | triton
     cycles: int = 2  # timed 16-iteration cycles
     augment: str = "none"  # augment.mode: none | ada | fixed | diffaugment
     augment_p: float = 0.5  # p of ada (its start) and fixed; ADA's p moves little in a bench
@@ -58,6 +59,7 @@ def bench_config(settings: StepBenchSettings) -> Config:
             f"model.channel_base={settings.channel_base}",
             f"model.channel_max={settings.channel_max}",
             f"model.map_layers={settings.map_layers}",
+            f"model.fir_kernel={settings.fir_kernel}",
             f"train.batch={settings.batch}",
             f"train.batch_gpu={settings.batch}",
             f"train.precision={PRECISION_MODES[settings.precision]}",

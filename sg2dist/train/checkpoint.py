@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sg2dist import __version__, interop, storage
-from sg2dist.config import Config, ModelConfig, config_from_dict
+from sg2dist.config import Config, ModelConfig, config_from_dict, same_weights
 from sg2dist.errors import UserError
 from sg2dist.train.step import Nets, StepState
 
@@ -321,7 +321,7 @@ def restore_training(
         )
     # Through config_from_dict: keys added since the checkpoint was written get defaults.
     trained = config_from_dict(meta["config"])
-    if trained.model != cfg.model:
+    if not same_weights(trained.model, cfg.model):
         raise UserError(
             f"checkpoint {checkpoint.url} was trained with a different model config; "
             "use a new run.dir, or --init-from to fine-tune its weights"

@@ -1,4 +1,5 @@
-"""`sg2dist bench step` with augmentation on: a full step runs and is timed."""
+"""`sg2dist bench step` options: a full step runs and is timed with augmentation on; a
+setting that cannot apply to the device is one error."""
 
 import re
 
@@ -15,3 +16,9 @@ def test_bench_step_with_ada_runs_and_prints_its_setting(capsys):
     out = capsys.readouterr().out
     assert "augment ada p=0.5" in out
     assert float(re.search(r"sec_per_iter ([\d.]+)", out).group(1)) > 0
+
+
+def test_bench_step_refuses_the_triton_fir_kernel_on_cpu_with_one_line(capsys):
+    assert cli.main(["bench", "step", "--fir-kernel", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "--fir-kernel triton runs on CUDA only" in err and "add --device cuda" in err

@@ -1,4 +1,8 @@
-"""Small StyleGAN2 networks for fast tests (a few thousand parameters, 16 px by default)."""
+"""Small StyleGAN2 networks for fast tests (a few thousand parameters, 16 px by default), and
+the Triton FIR kernel made runnable on CPU."""
+
+import importlib
+import sys
 
 import pytest
 import torch
@@ -17,3 +21,18 @@ def small_nets():
         return build_networks(tiny_model_config(**overrides))
 
     return build
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """`sg2dist.model.fir_triton` imported under Triton's interpreter for one test, so its
+    kernel runs on CPU tensors (slowly, with the same arithmetic). Triton picks compiled or
+    interpreted when a kernel is defined, hence the fresh import; the next test gets the
+    module as it was."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delitem(sys.modules, "sg2dist.model.fir_triton", raising=False)
+    module = importlib.import_module("sg2dist.model.fir_triton")
+    assert module.INTERPRETED
+    yield module
+    sys.modules.pop("sg2dist.model.fir_triton", None)

@@ -109,3 +109,33 @@ def test_path_length_double_backward_matches_finite_differences(small_nets):
     with torch.no_grad():
         inputs[-1].fill_(0.3)  # noise strength is zero at init: test it off zero
     assert torch.autograd.gradcheck(penalty, inputs, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_triton_fir_kernel_gives_the_same_images_and_regularizer_gradients(
+    small_nets, triton_on_cpu, monkeypatch
+):
+    calls = []
+    upfirdn2d = triton_on_cpu.upfirdn2d
+    monkeypatch.setattr(
+        triton_on_cpu, "upfirdn2d", lambda *a, **kw: calls.append(1) or upfirdn2d(*a, **kw)
+    )
+    results = []
+    for fir_kernel in ("auto", "triton"):
+        # 8 px and few channels: the interpreter runs the kernel one (sample, channel) at a time.
+        G, D = small_nets(resolution=8, channel_base=64, channel_max=8, fir_kernel=fir_kernel)
+        torch.manual_seed(1)
+        z, c = torch.randn(2, G.z_dim), torch.zeros(2, 0)
+        img = G(z, c, noise_mode="const")
+        loss = F.softplus(-D(img, c)).mean()
+        loss = loss + r1_penalty(D, img, c) + path_length_penalty(G, z, c)
+        loss.backward()
+        grads = [p.grad for p in (*G.parameters(), *D.parameters())]
+        results.append((img.detach(), loss.detach(), grads))
+    # Forward calls: G twice (image, path length), each with an upsampling conv and an image
+    # upsampling at 8 px; D twice (loss, R1), each with a blur and a skip downsampling.
+    assert len(calls) == 2 * 2 + 2 * 2
+    (img_auto, loss_auto, grads_auto), (img_triton, loss_triton, grads_triton) = results
+    torch.testing.assert_close(img_triton, img_auto)
+    torch.testing.assert_close(loss_triton, loss_auto)
+    for triton_grad, auto_grad in zip(grads_triton, grads_auto, strict=True):
+        torch.testing.assert_close(triton_grad, auto_grad, rtol=1e-4, atol=1e-6)

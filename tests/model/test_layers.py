@@ -12,6 +12,7 @@ from sg2dist.model.layers import (
     blur2d,
     downsample2d,
     fir_filter,
+    fir_form,
     modulated_conv2d,
     upsample2d,
 )
@@ -184,45 +185,71 @@ def test_downsampling_conv_equals_3x3_convolution_fir_then_dropping_pixels():
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
-FIR_OPS = {  # ours (with the given adjoint form), reference built from padding, zero insertion
-    # and shifted slices
+FIR_OPS = {  # ours (in the given form, see layers.fir_form), reference built from padding,
+    # zero insertion and shifted slices
     "upsample": (
-        lambda x, native: upsample2d(x, fir_filter(), native_adjoints=native),
+        lambda x, form: upsample2d(x, fir_filter(), kernel=form),
         lambda x: filter_same(F.pad(zero_insert(x), [2, 1, 2, 1]), fir_filter() * 4),
     ),
     "downsample": (
-        lambda x, native: downsample2d(x, fir_filter(), native_adjoints=native),
+        lambda x, form: downsample2d(x, fir_filter(), kernel=form),
         lambda x: filter_same(F.pad(x, [1, 1, 1, 1]), fir_filter())[:, :, ::2, ::2],
     ),
     "blur-pad2": (
-        lambda x, native: blur2d(x, fir_filter(), pad=2, native_adjoints=native),
+        lambda x, form: blur2d(x, fir_filter(), pad=2, kernel=form),
         lambda x: filter_same(F.pad(x, [2, 2, 2, 2]), fir_filter()),
     ),
     "blur-pad1-gain4": (
-        lambda x, native: blur2d(x, fir_filter(), pad=1, gain=4.0, native_adjoints=native),
+        lambda x, form: blur2d(x, fir_filter(), pad=1, gain=4.0, kernel=form),
         lambda x: filter_same(F.pad(x, [1, 1, 1, 1]), fir_filter() * 4),
     ),
 }
 
 
-# native_adjoints: the CUDA form (_FirConv / _FirAdjoint); off: the CPU form (_DepthwiseFIR).
-@pytest.mark.parametrize("native_adjoints", [False, True], ids=["cpu-form", "cuda-form"])
+def fir_penalty_grads(op, shape=(2, 3, 6, 6)):
+    """Output, input gradient (as R1 takes it) and the gradients of its squared norm."""
+    torch.manual_seed(1)
+    x = torch.randn(*shape, requires_grad=True)
+    y = op(x)
+    r = torch.randn(y.shape).requires_grad_(True)  # not randn_like: layouts differ
+    (gx,) = torch.autograd.grad((torch.tanh(y) * r).sum(), x, create_graph=True)
+    return (y, gx, *torch.autograd.grad(gx.square().sum(), (x, r)))
+
+
+# depthwise: the CPU form (_DepthwiseFIR); native: the CUDA form (_FirConv / _FirAdjoint).
+@pytest.mark.parametrize("form", ["depthwise", "native"])
 @pytest.mark.parametrize("name", FIR_OPS)
-def test_fir_filters_have_the_reference_first_and_second_derivatives(name, native_adjoints):
+def test_fir_filters_have_the_reference_first_and_second_derivatives(name, form):
     op, reference = FIR_OPS[name]
 
     def ours(x):
-        return op(x, native_adjoints)
+        return op(x, form)
 
-    def penalty_grads(op):
-        torch.manual_seed(1)
-        x = torch.randn(2, 3, 6, 6, requires_grad=True)
-        y = op(x)
-        r = torch.randn(y.shape).requires_grad_(True)  # not randn_like: layouts differ
-        (gx,) = torch.autograd.grad((torch.tanh(y) * r).sum(), x, create_graph=True)
-        return (y, gx, *torch.autograd.grad(gx.square().sum(), (x, r)))
-
-    for got, want in zip(penalty_grads(ours), penalty_grads(reference), strict=True):
+    for got, want in zip(fir_penalty_grads(ours), fir_penalty_grads(reference), strict=True):
         torch.testing.assert_close(got, want)
     x64 = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(ours, (x64,))
+
+
+@pytest.mark.parametrize("name", FIR_OPS)
+def test_triton_fir_kernel_has_the_reference_first_and_second_derivatives(name, triton_on_cpu):
+    op, reference = FIR_OPS[name]
+
+    def ours(x):
+        assert fir_form(x, "triton") == "triton"
+        return op(x, "triton")
+
+    # An odd size too: the upsampling conv hands the blur 2H + 1 pixels.
+    for shape in [(2, 3, 6, 6), (1, 2, 7, 7)]:
+        got, want = fir_penalty_grads(ours, shape), fir_penalty_grads(reference, shape)
+        for got_t, want_t in zip(got, want, strict=True):
+            torch.testing.assert_close(got_t, want_t)
+
+
+def test_triton_fir_kernel_is_used_only_where_it_can_run():
+    pytest.importorskip("triton")
+    cpu = torch.zeros(1, 1, 4, 4)
+    assert fir_form(cpu, "triton") == "depthwise"  # compiled Triton needs a GPU: CPU form
+    assert fir_form(cpu, "auto") == "depthwise"
+    with pytest.raises(ValueError, match="FIR kernel 'cudnn' is not one of"):
+        fir_form(cpu, "cudnn")

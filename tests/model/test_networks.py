@@ -185,6 +185,17 @@ def test_fused_modconv_generator_matches_the_per_sample_form(small_nets):
     assert (fused - per_sample).abs().max() < 1e-5
 
 
+def test_model_fir_kernel_reaches_every_filtering_layer_of_both_networks(small_nets):
+    G, D = small_nets(resolution=32, fir_kernel="triton")
+    filtering = [m for m in (*G.modules(), *D.modules()) if "fir" in m._buffers]
+    b32, d32 = G.synthesis.blocks["b32"], D.blocks["b32"]
+    # The upsampling conv, the image upsampling, the downsampling conv and skip among them.
+    assert {id(b32.conv0), id(b32), id(d32.conv1), id(d32.skip)} <= {id(m) for m in filtering}
+    assert {m.fir_kernel for m in filtering} == {"triton"}
+    G_default, _ = small_nets(resolution=32)
+    assert {m.fir_kernel for m in G_default.modules() if "fir" in m._buffers} == {"auto"}
+
+
 def test_channels_last_weights_on_cpu_give_the_same_outputs_and_gradients(small_nets):
     G_plain, D_plain = small_nets()
     G_cl, D_cl = small_nets()

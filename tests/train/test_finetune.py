@@ -164,13 +164,14 @@ def test_freeze_d_keeps_frozen_layers_bitwise_and_two_processes_equal_one(tmp_pa
         assert diff < 1e-5, net
 
 
-def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
+def tiny_checkpoint(cfg, drop_keys=()):
+    """A checkpoint of a tiny run at step 3 (config keys `drop_keys`, "section.key", removed
+    as if it came from an older sg2dist) and restore(cfg) -> the data state it resumes."""
     import copy
     import json
 
     from sg2dist.train.step import Nets, StepState
 
-    cfg = load_config(None, tiny_model_sets())
     G, D = build_networks(cfg.model)
     G_ema = copy.deepcopy(G)
     opts = torch.optim.Adam(G.parameters()), torch.optim.Adam(D.parameters())
@@ -185,7 +186,9 @@ def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
         data_states=[{"position": 1}],
         mlflow_run_id=None,
     )
-    del meta["config"]["model"]["w_avg_beta"], meta["config"]["train"]["freeze_d"]
+    for dotted in drop_keys:
+        section, key = dotted.split(".")
+        del meta["config"][section][key]
     old = ckpt.Checkpoint(url="old", state=state, meta=json.loads(json.dumps(meta)))
     progress = ckpt.Progress()
 
@@ -201,7 +204,24 @@ def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
             world_size=1,
         )
 
+    return restore, progress
+
+
+def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
+    cfg = load_config(None, tiny_model_sets())
+    restore, progress = tiny_checkpoint(cfg, ["model.w_avg_beta", "train.freeze_d"])
     assert restore(cfg) == {"position": 1} and progress.step == 3
     frozen = load_config(None, [*tiny_model_sets(), "train.freeze_d=2"])
     with pytest.raises(UserError, match="trained with train.freeze_d=0; resume with the same"):
         restore(frozen)
+
+
+def test_a_resume_may_change_how_the_model_computes_but_not_its_weights():
+    pytest.importorskip("triton")  # model.fir_kernel=triton is refused without it
+    restore, progress = tiny_checkpoint(load_config(None, tiny_model_sets()))
+    free = ["model.fir_kernel=triton", "model.fused_modconv=true"]
+    assert restore(load_config(None, [*tiny_model_sets(), *free])) == {"position": 1}
+    assert progress.step == 3
+    wider = load_config(None, tiny_model_sets(channel_max=64))
+    with pytest.raises(UserError, match="trained with a different model config"):
+        restore(wider)
