@@ -48,6 +48,7 @@ def _is_power_of_two(n: int) -> bool:
 
 
 FIR_KERNELS = ("auto", "triton")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass
@@ -121,6 +122,8 @@ class TrainConfig:
     batch: int = 32  # global batch = batch_gpu x accumulation steps x world size
     batch_gpu: int = 4  # per-GPU micro-batch
     precision: str = "auto"  # auto | no | bf16 | fp16 ; auto = bf16 on GPUs that support it
+    # feature-map layout: auto (channels-last on CPU, NCHW on GPUs) | channels_last | contiguous
+    memory_format: str = "auto"
     seed: int = 0
     g_lr: float = 0.002
     d_lr: float = 0.002
@@ -142,6 +145,11 @@ class TrainConfig:
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(
                 f"train.precision='{self.precision}'; use one of auto, no, bf16, fp16"
+            )
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ConfigError(
+                f"train.memory_format='{self.memory_format}'; use one of "
+                f"{', '.join(MEMORY_FORMATS)} (auto unless you measured another faster)"
             )
         if self.batch < 1 or self.batch_gpu < 1:
             raise ConfigError(

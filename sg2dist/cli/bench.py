@@ -3,6 +3,7 @@
     sg2dist bench data URL --batch B --workers W [--batches N]
     sg2dist bench step --resolution R --batch B [--channel-base --channel-max] [--device cpu|cuda]
                        [--precision fp32|bf16|fp16] [--compile] [--fir-kernel auto|triton]
+                       [--memory-format auto|channels_last|contiguous]
                        [--augment ada --augment-p P]
 
 The measurements live beside what they measure (sg2dist/data/bench.py,
@@ -15,7 +16,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from sg2dist import storage
-from sg2dist.config import FIR_KERNELS
+from sg2dist.config import FIR_KERNELS, MEMORY_FORMATS
 from sg2dist.errors import UserError
 
 if TYPE_CHECKING:
@@ -103,6 +104,13 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="model.fir_kernel: how the FIR filters run on CUDA (default auto)",
     )
+    parser.add_argument(
+        "--memory-format",
+        choices=list(MEMORY_FORMATS),
+        default="auto",
+        help="train.memory_format: feature-map layout (default auto: channels-last on CPU, "
+        "NCHW on CUDA)",
+    )
     parser.add_argument("--cycles", type=int, default=2, help="timed 16-iteration cycles")
     parser.add_argument(
         "--augment",
@@ -143,6 +151,7 @@ def run_step(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         fir_kernel=args.fir_kernel,
+        memory_format=args.memory_format,
         cycles=args.cycles,
         augment=args.augment,
         augment_p=args.augment_p,
@@ -153,6 +162,7 @@ def run_step(args: argparse.Namespace) -> int:
     )
     variant = " compiled" if args.compile else ""
     variant += f" fir {args.fir_kernel}" if args.fir_kernel != "auto" else ""
+    variant += f" {args.memory_format}" if args.memory_format != "auto" else ""
     if args.augment != "none":
         p = f" p={args.augment_p:g}" if args.augment in ("ada", "fixed") else ""
         variant += f" augment {args.augment}{p}"

@@ -173,6 +173,7 @@ class Discriminator(nn.Module):
             mbstd_features=mbstd_features,
             conv_clamp=conv_clamp,
         )
+        self.memory_format = "auto"  # `use_conv_layout_`
 
     def layers_from_top(self) -> list[nn.Module]:
         """The layers Freeze-D counts, in the official order: fromRGB, then conv0, conv1 and
@@ -185,7 +186,8 @@ class Discriminator(nn.Module):
         return layers
 
     def forward(self, img: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.fromrgb(conv_layout(img.to(compute_dtype(self.top_fp16, self.fromrgb.weight))))
+        img = img.to(compute_dtype(self.top_fp16, self.fromrgb.weight))
+        x = self.fromrgb(conv_layout(img, self.memory_format))
         for block in self.blocks.values():
             x = block(x)
         cmap = self.mapping(None, c) if self.mapping is not None else None

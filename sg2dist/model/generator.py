@@ -156,6 +156,7 @@ class SynthesisLayer(nn.Module):
         self.register_buffer("noise_const", torch.randn([resolution, resolution]))
         self.register_buffer("fir", fir_filter(), persistent=False)
         self.fir_kernel = "auto"  # `use_fir_kernel_`
+        self.memory_format = "auto"  # `use_conv_layout_`
 
     def forward(
         self,
@@ -186,6 +187,7 @@ class SynthesisLayer(nn.Module):
             bias_O=self.bias * LRELU_GAIN,
             fused=fused_modconv,
             fir_kernel=self.fir_kernel,
+            memory_format=self.memory_format,
         )
         return lrelu_clamp_(x, self.conv_clamp)
 
@@ -249,6 +251,7 @@ class SynthesisBlock(nn.Module):
         self.num_conv = 1 if in_channels == 0 else 2
         self.register_buffer("fir", fir_filter(), persistent=False)
         self.fir_kernel = "auto"  # `use_fir_kernel_`
+        self.memory_format = "auto"  # `use_conv_layout_`
 
     def forward(
         self,
@@ -264,7 +267,8 @@ class SynthesisBlock(nn.Module):
         """
         dtype = compute_dtype(self.use_fp16, self.conv1.weight)
         if self.conv0 is None:
-            x = conv_layout(self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1))
+            x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = conv_layout(x, self.memory_format)
             x = self.conv1(x, ws[:, 0], noise_mode, fused_modconv)
         else:
             assert x is not None  # every block but the first (conv0 None) gets features

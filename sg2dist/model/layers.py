@@ -16,7 +16,9 @@ Conventions shared by every layer here:
 - On CPU, feature maps are kept in channels-last memory layout (the logical shape stays
   [N, C, H, W]): oneDNN convolves NHWC natively, whereas NCHW costs a reorder around every
   convolution and makes the depthwise FIR filters several times slower. On CUDA, NCHW
-  measured faster, so it stays (figures: README, Performance).
+  measured faster in fp32, so it stays by default (figures: README, Performance);
+  `train.memory_format` picks either layout on any device. Weights follow the layout of the
+  feature map they are applied to.
 """
 
 from __future__ import annotations
@@ -37,22 +39,45 @@ FIR_TAPS = (1.0, 3.0, 3.0, 1.0)
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
-def conv_layout(x: torch.Tensor) -> torch.Tensor:
-    """The same tensor in the memory layout convolutions run fastest in on its device (no copy
-    when it already is): channels-last on CPU, plain NCHW elsewhere."""
-    if x.device.type == "cpu":
+def channels_last_on(device: torch.device, memory_format: str) -> bool:
+    """Whether feature maps and conv weights go channels-last: `memory_format` is
+    "channels_last", "contiguous" (NCHW) or "auto" (channels-last on CPU, NCHW elsewhere)."""
+    if memory_format == "auto":
+        return torch.device(device).type == "cpu"
+    if memory_format not in ("channels_last", "contiguous"):
+        raise ValueError(
+            f"memory format '{memory_format}' is not one of auto, channels_last, contiguous"
+        )
+    return memory_format == "channels_last"
+
+
+def conv_layout(x: torch.Tensor, memory_format: str = "auto") -> torch.Tensor:
+    """The same tensor in the layout `channels_last_on` picks (no copy when it already is)."""
+    if channels_last_on(x.device, memory_format):
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
 
 
-def use_conv_layout_(module: ModuleT, device: torch.device) -> ModuleT:
-    """Store the module's 4D weights in the layout `conv_layout` gives activations on `device`.
+def layout_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`t` (a conv weight) in the layout of the feature map `x` it is applied to."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+def use_conv_layout_(module: ModuleT, device: torch.device, memory_format: str = "auto") -> ModuleT:
+    """Store the module's 4D weights in the layout `conv_layout` gives activations on `device`,
+    and make its layers lay out activations the same way (`model.memory_format`).
 
     Equalized-LR weights are rescaled every call, and an elementwise op keeps its input's
     layout: channels-last weights on CPU come out of the rescale ready for oneDNN, where
     NCHW weights cost a reorder forward and another backward on every convolution.
     """
-    if torch.device(device).type == "cpu":
+    for layer in module.modules():
+        if isinstance(getattr(layer, "memory_format", None), str):
+            # setattr: nn.Module.__setattr__ is typed for tensors and modules only.
+            setattr(layer, "memory_format", memory_format)  # noqa: B010
+    if channels_last_on(device, memory_format):
         module.to(memory_format=torch.channels_last)
     return module
 
@@ -88,10 +113,10 @@ def fir_filter(taps: tuple[float, ...] = FIR_TAPS) -> torch.Tensor:
     return f_2d / f_2d.sum()
 
 
-def _depthwise(f_kk: torch.Tensor, channels: int, gain: float, dtype: torch.dtype) -> torch.Tensor:
-    """Filter as a depthwise conv weight [C, 1, k, k]. The filter is symmetric, so the
+def _depthwise(f_kk: torch.Tensor, x: torch.Tensor, gain: float) -> torch.Tensor:
+    """Filter as a depthwise conv weight [C, 1, k, k] for `x`. The filter is symmetric, so the
     correlation torch computes equals the convolution upfirdn2d defines."""
-    return conv_layout((f_kk * gain).to(dtype).expand(channels, 1, *f_kk.shape))
+    return layout_like((f_kk * gain).to(x.dtype).expand(x.shape[1], 1, *f_kk.shape), x)
 
 
 def upsample2d(x: torch.Tensor, f_kk: torch.Tensor, *, kernel: str = "auto") -> torch.Tensor:
@@ -103,7 +128,7 @@ def upsample2d(x: torch.Tensor, f_kk: torch.Tensor, *, kernel: str = "auto") -> 
     form = fir_form(x, kernel)
     if form == "triton":
         return _triton_fir().upfirdn2d(x, f_kk * 4.0, up=2, pad=(2, 1))
-    weight = _depthwise(f_kk, x.shape[1], 4.0, x.dtype)
+    weight = _depthwise(f_kk, x, 4.0)
     N, C, H, W = x.shape
     if form == "native":
         return _FirAdjoint.apply(x, weight, 2, 1, (N, C, 2 * H, 2 * W))
@@ -118,7 +143,7 @@ def downsample2d(x: torch.Tensor, f_kk: torch.Tensor, *, kernel: str = "auto") -
     form = fir_form(x, kernel)
     if form == "triton":
         return _triton_fir().upfirdn2d(x, f_kk, down=2, pad=(1, 1))
-    weight = _depthwise(f_kk, x.shape[1], 1.0, x.dtype)
+    weight = _depthwise(f_kk, x, 1.0)
     if form == "native":
         return _FirConv.apply(x, weight, 2, 1)
     return _DepthwiseFIR.apply(x, weight, 2, 1, False)
@@ -131,7 +156,7 @@ def blur2d(
     form = fir_form(x, kernel)
     if form == "triton":
         return _triton_fir().upfirdn2d(x, f_kk * gain, pad=(pad, pad))
-    weight = _depthwise(f_kk, x.shape[1], gain, x.dtype)
+    weight = _depthwise(f_kk, x, gain)
     if form == "native":
         return _FirConv.apply(x, weight, 1, pad)
     return _DepthwiseFIR.apply(x, weight, 1, pad, False)
@@ -341,10 +366,12 @@ class Conv2dLayer(nn.Module):
         self.act_gain = activation_gain(activation)
         self.register_buffer("fir", fir_filter(), persistent=False)
         self.fir_kernel = "auto"  # `use_fir_kernel_`
+        self.memory_format = "auto"  # `use_conv_layout_`
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         act_gain = self.act_gain * gain
-        w = conv_layout((self.weight * (self.weight_gain * act_gain)).to(x.dtype))
+        w = (self.weight * (self.weight_gain * act_gain)).to(x.dtype)
+        w = conv_layout(w, self.memory_format)
         b = (self.bias * act_gain).to(x.dtype) if self.bias is not None else None
         if self.down and self.kernel_size == 1:
             x = F.conv2d(downsample2d(x, self.fir, kernel=self.fir_kernel), w, b)
@@ -390,6 +417,7 @@ def modulated_conv2d(
     bias_O: torch.Tensor | None = None,
     fused: bool = False,
     fir_kernel: str = "auto",
+    memory_format: str = "auto",
 ) -> torch.Tensor:
     """conv(x, weight scaled per sample by `styles` on its input channels [and demodulated])
     * out_gain + noise + bias.
@@ -397,7 +425,7 @@ def modulated_conv2d(
     `noise` ([N or 1, 1, H, W] or [H, W]) and `bias_O` are added as given (the caller scales
     them). `up=True` doubles the resolution like the official code: a stride-2 transposed
     convolution followed by the FIR filter (pad 1, gain 4); it needs `fir`, run by
-    `fir_kernel` (see `fir_form`).
+    `fir_kernel` (see `fir_form`). `memory_format`: the layout of x (`channels_last_on`).
 
     Two equivalent forms:
     - fused=False: scale the activations by the styles, run one convolution with the shared
@@ -436,7 +464,7 @@ def modulated_conv2d(
     elif fused:
         y = _grouped_modulated_conv(x_NIHW, weight_OIkk, styles_NI, scale_NO, up)
     else:
-        x = conv_layout(x_NIHW) * styles_NI.to(dtype).reshape(N, in_channels, 1, 1)
+        x = conv_layout(x_NIHW, memory_format) * styles_NI.to(dtype).reshape(N, in_channels, 1, 1)
         y = _conv_maybe_up(x, weight_OIkk.to(dtype), up, groups=1)
         pending_scale_NO = scale_NO.to(dtype) if scale_NO is not None else None
     if up:
@@ -452,7 +480,7 @@ def _conv_maybe_up(x: torch.Tensor, weight_OIkk: torch.Tensor, up: bool, groups:
     FIR blur (pad 1) later brings to 2H."""
     if not up:
         return F.conv2d(
-            x, conv_layout(weight_OIkk), padding=weight_OIkk.shape[-1] // 2, groups=groups
+            x, layout_like(weight_OIkk, x), padding=weight_OIkk.shape[-1] // 2, groups=groups
         )
     out_per_group = weight_OIkk.shape[0] // groups
     in_per_group, k = weight_OIkk.shape[1], weight_OIkk.shape[-1]
@@ -462,7 +490,7 @@ def _conv_maybe_up(x: torch.Tensor, weight_OIkk: torch.Tensor, up: bool, groups:
         .transpose(1, 2)
         .reshape(groups * in_per_group, out_per_group, k, k)
     )
-    return F.conv_transpose2d(x, conv_layout(weight_IOkk), stride=2, groups=groups)
+    return F.conv_transpose2d(x, layout_like(weight_IOkk, x), stride=2, groups=groups)
 
 
 def _per_sample_matmul(x_NIHW: torch.Tensor, w_NOI: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ class StepBenchSettings:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the main phases (R1 / path length stay eager)
     fir_kernel: str = "auto"  # model.fir_kernel: auto | triton
+    memory_format: str = "auto"  # train.memory_format: auto | channels_last | contiguous
     cycles: int = 2  # timed 16-iteration cycles
     augment: str = "none"  # augment.mode: none | ada | fixed | diffaugment
     augment_p: float = 0.5  # p of ada (its start) and fixed; ADA's p moves little in a bench
@@ -63,6 +64,7 @@ def bench_config(settings: StepBenchSettings) -> Config:
             f"train.batch={settings.batch}",
             f"train.batch_gpu={settings.batch}",
             f"train.precision={PRECISION_MODES[settings.precision]}",
+            f"train.memory_format={settings.memory_format}",
         ],
     )
 

@@ -212,7 +212,8 @@ def snapshot_nimg(cfg: Config) -> int:
 def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_networks(cfg.model)
-    G, D = use_conv_layout_(G, accelerator.device), use_conv_layout_(D, accelerator.device)
+    G = use_conv_layout_(G, accelerator.device, cfg.train.memory_format)
+    D = use_conv_layout_(D, accelerator.device, cfg.train.memory_format)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False).to(accelerator.device)
     # Frozen before DDP wraps D: its reducer then leaves the frozen layers out.
     D_params = freeze_d_layers(D, cfg.train.freeze_d)

@@ -196,19 +196,28 @@ def test_model_fir_kernel_reaches_every_filtering_layer_of_both_networks(small_n
     assert {m.fir_kernel for m in G_default.modules() if "fir" in m._buffers} == {"auto"}
 
 
-def test_channels_last_weights_on_cpu_give_the_same_outputs_and_gradients(small_nets):
-    G_plain, D_plain = small_nets()
-    G_cl, D_cl = small_nets()
-    use_conv_layout_(G_cl, torch.device("cpu"))
-    use_conv_layout_(D_cl, torch.device("cpu"))
-    conv_weight = G_cl.synthesis.blocks["b16"].conv1.weight
-    assert conv_weight.is_contiguous(memory_format=torch.channels_last)
-    assert not conv_weight.is_contiguous()
+@pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])
+def test_every_memory_format_gives_the_same_outputs_and_gradients(small_nets, memory_format):
+    G_plain, D_plain = small_nets()  # weights NCHW, feature maps by device: channels-last on CPU
+    G, D = small_nets()
+    use_conv_layout_(G, torch.device("cpu"), memory_format)
+    use_conv_layout_(D, torch.device("cpu"), memory_format)
+    channels_last = memory_format != "contiguous"  # auto: channels-last on CPU
+    conv_weight = G.synthesis.blocks["b16"].conv1.weight
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert conv_weight.is_contiguous() != channels_last
+    feature_maps = []
+    D.blocks["b16"].register_forward_hook(lambda m, i, out: feature_maps.append(out))
+    G.synthesis.blocks["b16"].register_forward_hook(lambda m, i, out: feature_maps.append(out[0]))
 
     z, c = latents(G_plain, 4)
     grads = []
-    for G, D in ((G_plain, D_plain), (G_cl, D_cl)):
-        D(G(z, c, noise_mode="const"), c).sum().backward()
-        grads.append([p.grad for p in (*G.parameters(), *D.parameters())])
-    for plain, channels_last in zip(*grads, strict=True):
-        torch.testing.assert_close(channels_last, plain, rtol=1e-5, atol=1e-6)
+    for G_, D_ in ((G_plain, D_plain), (G, D)):
+        D_(G_(z, c, noise_mode="const"), c).sum().backward()
+        grads.append([p.grad for p in (*G_.parameters(), *D_.parameters())])
+    assert len(feature_maps) == 2
+    for x in feature_maps:  # [4, C, 16, 16] and [4, C, 8, 8], C > 1: the layouts differ
+        assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert x.is_contiguous() != channels_last
+    for plain, other in zip(*grads, strict=True):
+        torch.testing.assert_close(other, plain, rtol=1e-5, atol=1e-6)

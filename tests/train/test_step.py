@@ -1,5 +1,5 @@
-"""One training step (sg2dist/train/step.py): no host reads of device values, and the
-device-side skip of steps with non-finite gradients."""
+"""One training step (sg2dist/train/step.py): no host reads of device values, the
+device-side skip of steps with non-finite gradients, the same result in either memory format."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sg2dist.train.step import StepState, train_step
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
 
 
-def tiny_step_parts():
+def tiny_step_parts(*extra_sets: str):
     cfg = load_config(
         None,
         [
@@ -29,6 +29,7 @@ def tiny_step_parts():
             "train.pl_interval=2",
             "train.r1_interval=2",
             "train.precision=no",
+            *extra_sets,
         ],
     )
     acc = make_accelerator("no")
@@ -84,3 +85,20 @@ def test_non_finite_gradients_skip_the_update_on_the_device_and_count_it():
     train_step(ctx, nets, state, 5, reals(1))
     assert int(state.skipped_steps) == 1 and int(state.nonfinite_in_row) == 0
     assert any(not torch.equal(v, D_before[k]) for k, v in nets.D_net.state_dict().items())
+
+
+def test_training_in_nchw_on_cpu_matches_the_channels_last_default():
+    weights = []
+    for memory_format in ("auto", "contiguous"):
+        nets, ctx, state = tiny_step_parts(f"train.memory_format={memory_format}")
+        conv_weight = nets.G_net.synthesis.blocks["b16"].conv1.weight
+        assert conv_weight.is_contiguous() == (memory_format == "contiguous")
+        for step in range(4):  # every phase, path length and R1 included
+            train_step(ctx, nets, state, step, reals(step))
+        weights.append(
+            {f"{net}.{name}": value for net in ("G_net", "D_net")
+             for name, value in getattr(nets, net).state_dict().items()}
+        )  # fmt: skip
+    channels_last, nchw = weights
+    for name, value in channels_last.items():
+        torch.testing.assert_close(nchw[name], value, rtol=1e-4, atol=1e-5, msg=name)
