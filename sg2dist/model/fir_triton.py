@@ -7,10 +7,10 @@ with `up` and `down` swapped, padding `k - 1 - pad` and the filter flipped, so o
 autograd.Function serves every derivative order (R1 and path length differentiate twice)
 and no derivative goes through cuDNN's grouped convolutions.
 
-One program computes a block of output pixels of one (sample, channel) plane. Each output
-reads k x k taps; with `up = 2` three taps in four fall on inserted zeros and are masked
-out, so they cost no memory traffic. Sums are kept in float32 (in float64 for float64
-tensors, which the tests use).
+One program computes a block of outputs of one sample, NCHW or channels-last (the output
+keeps the input's layout). Each output reads k x k taps; with `up = 2` three taps in four
+fall on inserted zeros and are masked out, so they cost no memory traffic. Sums are kept in
+float32 (in float64 for float64 tensors, which the tests use).
 
 Import this module only where `triton` is installed (Linux wheels of torch bring it). With
 TRITON_INTERPRET=1 set before the import, the kernel runs on CPU tensors in Triton's
@@ -27,7 +27,7 @@ import triton.language as tl
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-BLOCK = 256  # output pixels per program
+BLOCK = 256  # outputs per program
 
 
 def runs_on(x: torch.Tensor) -> bool:
@@ -40,6 +40,7 @@ def _upfirdn2d_kernel(
     x_ptr,
     f_ptr,
     y_ptr,
+    channels,
     in_h,
     in_w,
     out_h,
@@ -49,14 +50,24 @@ def _upfirdn2d_kernel(
     PAD: tl.constexpr,
     K: tl.constexpr,
     BLOCK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
     ACC_F64: tl.constexpr,
 ):
-    plane = tl.program_id(1).to(tl.int64)
+    # Lanes walk y of one sample in its memory order, so loads and stores coalesce: ox fastest
+    # in NCHW, the channel fastest in channels-last. 32-bit offsets within a sample; the
+    # sample's base is 64-bit.
+    sample = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < out_h * out_w
-    oy = offs // out_w
-    ox = offs % out_w
-    x_plane = x_ptr + plane * in_h * in_w
+    inside = offs < channels * out_h * out_w
+    if CHANNELS_LAST:
+        c = offs % channels
+        ox = (offs // channels) % out_w
+        oy = offs // (channels * out_w)
+    else:
+        ox = offs % out_w
+        oy = (offs // out_w) % out_h
+        c = offs // (out_w * out_h)
+    x_sample = x_ptr + sample * channels * in_h * in_w
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
     acc = tl.full([BLOCK], 0.0, acc_dtype)
     for ky in tl.static_range(K):
@@ -68,24 +79,32 @@ def _upfirdn2d_kernel(
             zx = ox * DOWN + kx - PAD
             ok = inside & row_ok & (zx >= 0) & (zx < in_w * UP) & (zx % UP == 0)
             ix = tl.where(ok, zx, 0) // UP
+            if CHANNELS_LAST:
+                x_offs = (iy * in_w + ix) * channels + c
+            else:
+                x_offs = (c * in_h + iy) * in_w + ix
             tap = tl.load(f_ptr + ky * K + kx)
-            v = tl.load(x_plane + iy * in_w + ix, mask=ok, other=0.0)
+            v = tl.load(x_sample + x_offs, mask=ok, other=0.0)
             acc += v.to(acc_dtype) * tap.to(acc_dtype)
-    tl.store(y_ptr + plane * out_h * out_w + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
+    y_sample = y_ptr + sample * channels * out_h * out_w
+    tl.store(y_sample + offs, acc.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def _launch(x: torch.Tensor, f_kk: torch.Tensor, up: int, down: int, pad: int, out_hw):
     N, C, H, W = x.shape
     out_h, out_w = out_hw
-    x = x.contiguous()
-    y = x.new_empty([N, C, out_h, out_w])
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)  # no copy in either layout the network uses
+    y = torch.empty([N, C, out_h, out_w], dtype=x.dtype, device=x.device, memory_format=layout)
     f64 = x.dtype == torch.float64
     f = f_kk.to(device=x.device, dtype=torch.float64 if f64 else torch.float32).contiguous()
-    grid = (triton.cdiv(out_h * out_w, BLOCK), N * C)
+    grid = (triton.cdiv(C * out_h * out_w, BLOCK), N)
     _upfirdn2d_kernel[grid](
         x,
         f,
         y,
+        C,
         H,
         W,
         out_h,
@@ -95,6 +114,7 @@ def _launch(x: torch.Tensor, f_kk: torch.Tensor, up: int, down: int, pad: int, o
         PAD=pad,
         K=f.shape[-1],
         BLOCK=BLOCK,
+        CHANNELS_LAST=channels_last,
         ACC_F64=f64,
     )
     return y

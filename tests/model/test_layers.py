@@ -231,13 +231,19 @@ def test_fir_filters_have_the_reference_first_and_second_derivatives(name, form)
     assert torch.autograd.gradgradcheck(ours, (x64,))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("name", FIR_OPS)
-def test_triton_fir_kernel_has_the_reference_first_and_second_derivatives(name, triton_on_cpu):
+def test_triton_fir_kernel_has_the_reference_first_and_second_derivatives(
+    name, layout, triton_on_cpu
+):
     op, reference = FIR_OPS[name]
 
     def ours(x):
+        x = x.contiguous(memory_format=layout)
         assert fir_form(x, "triton") == "triton"
-        return op(x, "triton")
+        y = op(x, "triton")
+        assert y.is_contiguous(memory_format=layout)  # the input's layout, without a copy
+        return y
 
     # An odd size too: the upsampling conv hands the blur 2H + 1 pixels.
     for shape in [(2, 3, 6, 6), (1, 2, 7, 7)]:
