@@ -67,16 +67,13 @@ def layout_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def use_conv_layout_(module: ModuleT, device: torch.device, memory_format: str = "auto") -> ModuleT:
     """Store the module's 4D weights in the layout `conv_layout` gives activations on `device`,
-    and make its layers lay out activations the same way (`model.memory_format`).
+    and make its layers lay out activations the same way (`train.memory_format`).
 
     Equalized-LR weights are rescaled every call, and an elementwise op keeps its input's
     layout: channels-last weights on CPU come out of the rescale ready for oneDNN, where
     NCHW weights cost a reorder forward and another backward on every convolution.
     """
-    for layer in module.modules():
-        if isinstance(getattr(layer, "memory_format", None), str):
-            # setattr: nn.Module.__setattr__ is typed for tensors and modules only.
-            setattr(layer, "memory_format", memory_format)  # noqa: B010
+    _set_on_layers_(module, "memory_format", memory_format)
     if channels_last_on(device, memory_format):
         module.to(memory_format=torch.channels_last)
     return module
@@ -186,13 +183,17 @@ def _triton_fir():
 
 
 def use_fir_kernel_(module: ModuleT, kernel: str) -> ModuleT:
-    """Make every layer of `module` that filters (it holds a `fir` buffer) use `kernel`
-    ("auto" or "triton", `ModelConfig.fir_kernel`)."""
-    for layer in module.modules():
-        if "fir" in layer._buffers:
-            # setattr: nn.Module.__setattr__ is typed for tensors and modules only.
-            setattr(layer, "fir_kernel", kernel)  # noqa: B010
+    """Make every layer of `module` that filters use `kernel` ("auto" or "triton",
+    `ModelConfig.fir_kernel`)."""
+    _set_on_layers_(module, "fir_kernel", kernel)
     return module
+
+
+def _set_on_layers_(module: nn.Module, name: str, value: str) -> None:
+    """Set the setting `name` on every layer of `module` that declares it (in __init__)."""
+    for layer in module.modules():
+        if isinstance(getattr(layer, name, None), str):
+            setattr(layer, name, value)
 
 
 def _fir_conv(x, kernel, stride: int, padding: int, transposed: bool, output_padding=0):
