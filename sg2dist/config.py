@@ -9,7 +9,6 @@ in `configs/` list only what differs.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import types
 import typing
@@ -93,11 +92,6 @@ class ModelConfig:
             raise ConfigError(
                 f"model.fir_kernel='{self.fir_kernel}' is not one of {', '.join(FIR_KERNELS)}; "
                 "use auto unless you measured triton faster on your GPU"
-            )
-        if self.fir_kernel == "triton" and importlib.util.find_spec("triton") is None:
-            raise ConfigError(
-                "model.fir_kernel=triton needs the `triton` package (Linux builds of torch "
-                "install it); install it or set model.fir_kernel=auto"
             )
 
 

@@ -24,6 +24,7 @@ Conventions shared by every layer here:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from typing import TypeVar
 
@@ -164,12 +165,14 @@ def fir_form(x: torch.Tensor, kernel: str) -> str:
 
     - "auto": "depthwise" on CPU (`_DepthwiseFIR`, oneDNN runs both directions natively),
       "native" elsewhere (`_FirConv` / `_FirAdjoint`, no cuDNN grouped transposed conv).
-    - "triton": the Triton kernel (`fir_triton`) where it can run (CUDA), "auto" elsewhere,
-      so a model trained with it still runs, exports and samples on a CPU.
+    - "triton": the Triton kernel (`fir_triton`) where it can run (CUDA, `triton` installed),
+      "auto" elsewhere, so a model trained with it still runs, exports and samples anywhere.
     - "depthwise" or "native": that form on any device (tests compare the forms on CPU).
     """
     if kernel == "triton":
-        return "triton" if _triton_fir().runs_on(x) else fir_form(x, "auto")
+        if importlib.util.find_spec("triton") is not None and _triton_fir().runs_on(x):
+            return "triton"
+        return fir_form(x, "auto")
     if kernel == "auto":
         return "native" if x.is_cuda else "depthwise"
     if kernel not in ("depthwise", "native"):

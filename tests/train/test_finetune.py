@@ -217,7 +217,6 @@ def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
 
 
 def test_a_resume_may_change_how_the_model_computes_but_not_its_weights():
-    pytest.importorskip("triton")  # model.fir_kernel=triton is refused without it
     restore, progress = tiny_checkpoint(load_config(None, tiny_model_sets()))
     free = ["model.fir_kernel=triton", "model.fused_modconv=true"]
     assert restore(load_config(None, [*tiny_model_sets(), *free])) == {"position": 1}
