@@ -1,8 +1,8 @@
 """FIR resampling (upfirdn2d) as one Triton kernel whose backward is the same kernel.
 
 `upfirdn2d(x, f_kk, up=, down=, pad=(before, after))` inserts `up - 1` zeros after every
-pixel, pads zeros before and after, correlates each channel with
-the k x k filter `f_kk` and keeps every `down`-th pixel. Its adjoint is the same operation
+pixel, pads zeros before and after, correlates each channel with the k x k filter `f_kk`
+and keeps every `down`-th pixel. Its adjoint is the same operation
 with `up` and `down` swapped, padding `k - 1 - pad` and the filter flipped, so one
 autograd.Function serves every derivative order (R1 and path length differentiate twice)
 and no derivative goes through cuDNN's grouped convolutions.
