@@ -46,7 +46,7 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-FIR_KERNELS = ("auto", "triton")
+KERNELS = ("auto", "triton")  # model.fir_kernel, model.bias_act_kernel
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
@@ -70,6 +70,7 @@ class ModelConfig:
     num_fp16_res: int = 0  # run the N highest resolutions in fp16 (official scheme); 0 = off
     fused_modconv: bool = False  # grouped-conv form of modulated conv (fast for inference)
     fir_kernel: str = "auto"  # FIR resampling on CUDA: auto (PyTorch convs) or triton
+    bias_act_kernel: str = "auto"  # scale+noise+bias+activation on CUDA: auto (PyTorch) or triton
 
     def validate(self) -> None:
         if not (4 <= self.resolution <= 1024 and _is_power_of_two(self.resolution)):
@@ -88,11 +89,12 @@ class ModelConfig:
             raise ConfigError(f"model.c_dim={self.c_dim} must be >= 0 (0 = unconditional)")
         if not 0.0 <= self.w_avg_beta <= 1.0:
             raise ConfigError(f"model.w_avg_beta={self.w_avg_beta} must be in [0, 1], e.g. 0.995")
-        if self.fir_kernel not in FIR_KERNELS:
-            raise ConfigError(
-                f"model.fir_kernel='{self.fir_kernel}' is not one of {', '.join(FIR_KERNELS)}; "
-                "use auto unless you measured triton faster on your GPU"
-            )
+        for key in ("fir_kernel", "bias_act_kernel"):
+            if getattr(self, key) not in KERNELS:
+                raise ConfigError(
+                    f"model.{key}='{getattr(self, key)}' is not one of {', '.join(KERNELS)}; "
+                    "use auto unless you measured triton faster on your GPU"
+                )
 
 
 @dataclass
@@ -467,7 +469,7 @@ def load_config(
 
 # Model keys that change how the same weights are computed, not which weights exist: a config
 # may set them whatever the --init-from source used, and a resumed run may change them.
-FREE_MODEL_KEYS = ("fused_modconv", "fir_kernel")
+FREE_MODEL_KEYS = ("fused_modconv", "fir_kernel", "bias_act_kernel")
 
 
 def same_weights(a: ModelConfig, b: ModelConfig) -> bool:

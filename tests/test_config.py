@@ -57,6 +57,7 @@ def test_config_round_trips_through_a_plain_dict():
         (["model.resolution=48"], "model.resolution=48 is not a power of two"),
         (["train.precision=fp8"], "train.precision='fp8'"),
         (["model.fir_kernel=cudnn"], "model.fir_kernel='cudnn' is not one of auto, triton"),
+        (["model.bias_act_kernel=cuda"], "model.bias_act_kernel='cuda' is not one of auto, tr"),
         (["train.memory_format=nhwc"], "train.memory_format='nhwc'; use one of auto, channels_"),
         (["run.peer_timeout_s=0.5"], "run.peer_timeout_s=0.5 is too short"),
         (["run.storage_retry_s=-1"], "run.storage_retry_s=-1 must be >= 0"),

@@ -3,6 +3,7 @@
     sg2dist bench data URL --batch B --workers W [--batches N]
     sg2dist bench step --resolution R --batch B [--channel-base --channel-max] [--device cpu|cuda]
                        [--precision fp32|bf16|fp16] [--compile] [--fir-kernel auto|triton]
+                       [--bias-act-kernel auto|triton]
                        [--memory-format auto|channels_last|contiguous]
                        [--augment ada --augment-p P]
 
@@ -16,7 +17,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from sg2dist import storage
-from sg2dist.config import FIR_KERNELS, MEMORY_FORMATS
+from sg2dist.config import KERNELS, MEMORY_FORMATS
 from sg2dist.errors import UserError
 
 if TYPE_CHECKING:
@@ -100,9 +101,16 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile G and D")
     parser.add_argument(
         "--fir-kernel",
-        choices=list(FIR_KERNELS),
+        choices=list(KERNELS),
         default="auto",
         help="model.fir_kernel: how the FIR filters run on CUDA (default auto)",
+    )
+    parser.add_argument(
+        "--bias-act-kernel",
+        choices=list(KERNELS),
+        default="auto",
+        help="model.bias_act_kernel: how each layer's scale, noise, bias, activation and clamp "
+        "run on CUDA (default auto)",
     )
     parser.add_argument(
         "--memory-format",
@@ -135,11 +143,15 @@ def run_step(args: argparse.Namespace) -> int:
 
     from sg2dist.train.bench import StepBenchSettings, run_step_bench
 
-    if args.fir_kernel == "triton" and args.device != "cuda":
-        raise UserError(
-            "--fir-kernel triton runs on CUDA only (on a CPU the filters are depthwise "
-            "convolutions whatever the setting); add --device cuda or drop --fir-kernel"
-        )
+    for flag, kernel in (
+        ("--fir-kernel", args.fir_kernel),
+        ("--bias-act-kernel", args.bias_act_kernel),
+    ):
+        if kernel == "triton" and args.device != "cuda":
+            raise UserError(
+                f"{flag} triton runs on CUDA only (on a CPU the PyTorch forms run whatever the "
+                f"setting); add --device cuda or drop {flag}"
+            )
     settings = StepBenchSettings(
         resolution=args.resolution,
         batch=args.batch,
@@ -151,6 +163,7 @@ def run_step(args: argparse.Namespace) -> int:
         precision=args.precision,
         compile=args.compile,
         fir_kernel=args.fir_kernel,
+        bias_act_kernel=args.bias_act_kernel,
         memory_format=args.memory_format,
         cycles=args.cycles,
         augment=args.augment,
@@ -162,6 +175,7 @@ def run_step(args: argparse.Namespace) -> int:
     )
     variant = " compiled" if args.compile else ""
     variant += f" fir {args.fir_kernel}" if args.fir_kernel != "auto" else ""
+    variant += f" bias_act {args.bias_act_kernel}" if args.bias_act_kernel != "auto" else ""
     variant += f" {args.memory_format}" if args.memory_format != "auto" else ""
     if args.augment != "none":
         p = f" p={args.augment_p:g}" if args.augment in ("ada", "fixed") else ""

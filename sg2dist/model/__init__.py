@@ -13,7 +13,7 @@ from __future__ import annotations
 from sg2dist.config import ConfigError, ModelConfig
 from sg2dist.model.discriminator import Discriminator
 from sg2dist.model.generator import Generator
-from sg2dist.model.layers import use_fir_kernel_
+from sg2dist.model.layers import use_kernels_
 
 __all__ = ["Discriminator", "Generator", "build_networks", "count_params"]
 
@@ -52,7 +52,8 @@ def build_networks(model_cfg: ModelConfig) -> tuple[Generator, Discriminator]:
         num_fp16_res=model_cfg.num_fp16_res,
         conv_clamp=model_cfg.conv_clamp,
     )
-    return use_fir_kernel_(G, model_cfg.fir_kernel), use_fir_kernel_(D, model_cfg.fir_kernel)
+    kernels = {"fir_kernel": model_cfg.fir_kernel, "bias_act_kernel": model_cfg.bias_act_kernel}
+    return use_kernels_(G, **kernels), use_kernels_(D, **kernels)
 
 
 def count_params(module) -> int:

@@ -18,7 +18,6 @@ from sg2dist.model.layers import (
     FullyConnected,
     conv_layout,
     fir_filter,
-    lrelu_clamp_,
     modulated_conv2d,
     normalize_2nd_moment,
     upsample2d,
@@ -155,7 +154,8 @@ class SynthesisLayer(nn.Module):
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.register_buffer("noise_const", torch.randn([resolution, resolution]))
         self.register_buffer("fir", fir_filter(), persistent=False)
-        self.fir_kernel = "auto"  # `use_fir_kernel_`
+        self.fir_kernel = "auto"  # `use_kernels_`
+        self.bias_act_kernel = "auto"  # `use_kernels_`
         self.memory_format = "auto"  # `use_conv_layout_`
 
     def forward(
@@ -176,7 +176,7 @@ class SynthesisLayer(nn.Module):
             noise = noise * (self.noise_strength * LRELU_GAIN).to(x.dtype)
         elif noise_mode == "const":
             noise = self.noise_const * (self.noise_strength * LRELU_GAIN)
-        x = modulated_conv2d(
+        return modulated_conv2d(
             x,
             self.weight,
             styles,
@@ -185,11 +185,13 @@ class SynthesisLayer(nn.Module):
             fir=self.fir,
             noise=noise,
             bias_O=self.bias * LRELU_GAIN,
+            activation="lrelu",
+            clamp=self.conv_clamp,
             fused=fused_modconv,
             fir_kernel=self.fir_kernel,
+            bias_act_kernel=self.bias_act_kernel,
             memory_format=self.memory_format,
         )
-        return lrelu_clamp_(x, self.conv_clamp)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels} -> {self.out_channels}, res={self.resolution}, up={self.up}"
@@ -207,13 +209,20 @@ class ToRGB(nn.Module):
         self.weight = nn.Parameter(torch.randn([img_channels, in_channels, 1, 1]))
         self.bias = nn.Parameter(torch.zeros([img_channels]))
         self.weight_gain = 1.0 / math.sqrt(in_channels)
+        self.bias_act_kernel = "auto"  # `use_kernels_`
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = False):
         styles = self.affine(w) * self.weight_gain
-        y = modulated_conv2d(
-            x, self.weight, styles, demodulate=False, bias_O=self.bias, fused=fused_modconv
+        return modulated_conv2d(
+            x,
+            self.weight,
+            styles,
+            demodulate=False,
+            bias_O=self.bias,
+            clamp=self.conv_clamp,
+            fused=fused_modconv,
+            bias_act_kernel=self.bias_act_kernel,
         )
-        return y.clamp(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else y
 
 
 class SynthesisBlock(nn.Module):
@@ -250,7 +259,7 @@ class SynthesisBlock(nn.Module):
         self.torgb = ToRGB(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
         self.num_conv = 1 if in_channels == 0 else 2
         self.register_buffer("fir", fir_filter(), persistent=False)
-        self.fir_kernel = "auto"  # `use_fir_kernel_`
+        self.fir_kernel = "auto"  # `use_kernels_`
         self.memory_format = "auto"  # `use_conv_layout_`
 
     def forward(
@@ -275,7 +284,8 @@ class SynthesisBlock(nn.Module):
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, fused_modconv)
             x = self.conv1(x, ws[:, 1], noise_mode, fused_modconv)
         y = self.torgb(x, ws[:, self.num_conv], fused_modconv).to(ws.dtype)
-        img = y if img is None else y.add_(upsample2d(img, self.fir, kernel=self.fir_kernel))
+        # Not in place: the Triton epilogue saved y (its output) for the backward.
+        img = y if img is None else y + upsample2d(img, self.fir, kernel=self.fir_kernel)
         return x, img
 
 

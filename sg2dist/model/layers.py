@@ -9,6 +9,8 @@ Conventions shared by every layer here:
   or linear (gain 1). Because lrelu(z) * g == lrelu(z * g) for g > 0, layers fold the gain
   into their (small) weights, biases and scales instead of spending a pass over the
   activations on it.
+- Each layer ends with one epilogue, `bias_act`: per-sample scale, noise, bias, activation,
+  clamp; in PyTorch ops, or (`model.bias_act_kernel: triton`) one Triton kernel on CUDA.
 - FIR resampling uses the separable [1, 3, 3, 1] filter with the padding and gain of the
   official `upfirdn2d`: 2x upsampling has gain 4 (so a constant image stays constant),
   2x downsampling gain 1. Every filter is a depthwise convolution in a single call, with
@@ -101,6 +103,48 @@ def lrelu_clamp_(x: torch.Tensor, clamp: float | None) -> torch.Tensor:
     return x.clamp(-clamp, clamp) if clamp is not None else x
 
 
+def bias_act(
+    x: torch.Tensor,
+    *,
+    scale_NC: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    bias_C: torch.Tensor | None = None,
+    activation: str = "linear",
+    clamp: float | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """A layer's epilogue: clamp(act(x * scale_NC[:, :, None, None] + noise + bias_C)).
+
+    `noise` is [N or 1, 1, H, W] or [H, W]; callers fold the activation gain into scale,
+    noise and bias. kernel "auto": PyTorch ops, in place where autograd allows (so `x` must
+    be a fresh tensor that no autograd node saved, e.g. a convolution's output); "triton":
+    one Triton kernel (`triton_kernels.bias_act`) where it can run (`triton_runs_on`), "auto"
+    elsewhere; it saves its output for the backward, so callers must not modify that in place.
+    """
+    if activation == "linear" and all(v is None for v in (scale_NC, noise, bias_C, clamp)):
+        return x  # nothing to do (D's skip connections)
+    if bias_act_form(x, kernel) == "triton":
+        return _triton().bias_act(
+            x,
+            scale_NC=scale_NC,
+            noise=noise,
+            bias_C=bias_C,
+            lrelu=activation == "lrelu",
+            clamp=clamp,
+        )
+    x = _add_noise_bias(x, noise, bias_C, scale_NC)
+    if activation == "lrelu":
+        return lrelu_clamp_(x, clamp)
+    return x.clamp(-clamp, clamp) if clamp is not None else x
+
+
+def bias_act_form(x: torch.Tensor, kernel: str) -> str:
+    """How `bias_act` runs on `x` for `kernel`: "triton" where asked and able, else "torch"."""
+    if kernel not in ("auto", "triton"):
+        raise ValueError(f"bias_act kernel '{kernel}' is not one of auto, triton")
+    return "triton" if kernel == "triton" and triton_runs_on(x) else "torch"
+
+
 # ---------------------------------------------------------------------------- FIR filter
 
 
@@ -125,7 +169,7 @@ def upsample2d(x: torch.Tensor, f_kk: torch.Tensor, *, kernel: str = "auto") -> 
     """
     form = fir_form(x, kernel)
     if form == "triton":
-        return _triton_fir().upfirdn2d(x, f_kk * 4.0, up=2, pad=(2, 1))
+        return _triton().upfirdn2d(x, f_kk * 4.0, up=2, pad=(2, 1))
     weight = _depthwise(f_kk, x, 4.0)
     N, C, H, W = x.shape
     if form == "native":
@@ -140,7 +184,7 @@ def downsample2d(x: torch.Tensor, f_kk: torch.Tensor, *, kernel: str = "auto") -
     """
     form = fir_form(x, kernel)
     if form == "triton":
-        return _triton_fir().upfirdn2d(x, f_kk, down=2, pad=(1, 1))
+        return _triton().upfirdn2d(x, f_kk, down=2, pad=(1, 1))
     weight = _depthwise(f_kk, x, 1.0)
     if form == "native":
         return _FirConv.apply(x, weight, 2, 1)
@@ -153,7 +197,7 @@ def blur2d(
     """Filter each channel with symmetric zero padding `pad` (no resampling)."""
     form = fir_form(x, kernel)
     if form == "triton":
-        return _triton_fir().upfirdn2d(x, f_kk * gain, pad=(pad, pad))
+        return _triton().upfirdn2d(x, f_kk * gain, pad=(pad, pad))
     weight = _depthwise(f_kk, x, gain)
     if form == "native":
         return _FirConv.apply(x, weight, 1, pad)
@@ -165,14 +209,13 @@ def fir_form(x: torch.Tensor, kernel: str) -> str:
 
     - "auto": "depthwise" on CPU (`_DepthwiseFIR`, oneDNN runs both directions natively),
       "native" elsewhere (`_FirConv` / `_FirAdjoint`, no cuDNN grouped transposed conv).
-    - "triton": the Triton kernel (`fir_triton`) where it can run (CUDA, `triton` installed),
-      "auto" elsewhere, so a model trained with it still runs, exports and samples anywhere.
+    - "triton": the Triton kernel (`triton_kernels.upfirdn2d`) where it can run
+      (`triton_runs_on`), "auto" elsewhere, so a model trained with it still runs, exports and
+      samples anywhere.
     - "depthwise" or "native": that form on any device (tests compare the forms on CPU).
     """
     if kernel == "triton":
-        if importlib.util.find_spec("triton") is not None and _triton_fir().runs_on(x):
-            return "triton"
-        return fir_form(x, "auto")
+        return "triton" if triton_runs_on(x) else fir_form(x, "auto")
     if kernel == "auto":
         return "native" if x.is_cuda else "depthwise"
     if kernel not in ("depthwise", "native"):
@@ -180,15 +223,22 @@ def fir_form(x: torch.Tensor, kernel: str) -> str:
     return kernel
 
 
-def _triton_fir():
-    # Imported on first use: only runs that ask for the Triton kernel need `triton`.
-    return importlib.import_module("sg2dist.model.fir_triton")
+def triton_runs_on(x: torch.Tensor) -> bool:
+    """Whether sg2dist's Triton kernels can run on `x`: CUDA with `triton` installed (or a CPU
+    tensor under TRITON_INTERPRET=1, as in the tests)."""
+    return importlib.util.find_spec("triton") is not None and _triton().runs_on(x)
 
 
-def use_fir_kernel_(module: ModuleT, kernel: str) -> ModuleT:
-    """Make every layer of `module` that filters use `kernel` ("auto" or "triton",
-    `ModelConfig.fir_kernel`)."""
-    _set_on_layers_(module, "fir_kernel", kernel)
+def _triton():
+    # Imported on first use: only runs that ask for a Triton kernel need `triton`.
+    return importlib.import_module("sg2dist.model.triton_kernels")
+
+
+def use_kernels_(module: ModuleT, *, fir_kernel: str, bias_act_kernel: str) -> ModuleT:
+    """Make every layer of `module` filter with `fir_kernel` and finish with
+    `bias_act_kernel` ("auto" or "triton": `ModelConfig.fir_kernel`, `.bias_act_kernel`)."""
+    _set_on_layers_(module, "fir_kernel", fir_kernel)
+    _set_on_layers_(module, "bias_act_kernel", bias_act_kernel)
     return module
 
 
@@ -369,7 +419,8 @@ class Conv2dLayer(nn.Module):
         self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size**2)
         self.act_gain = activation_gain(activation)
         self.register_buffer("fir", fir_filter(), persistent=False)
-        self.fir_kernel = "auto"  # `use_fir_kernel_`
+        self.fir_kernel = "auto"  # `use_kernels_`
+        self.bias_act_kernel = "auto"  # `use_kernels_`
         self.memory_format = "auto"  # `use_conv_layout_`
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
@@ -377,16 +428,20 @@ class Conv2dLayer(nn.Module):
         w = (self.weight * (self.weight_gain * act_gain)).to(x.dtype)
         w = conv_layout(w, self.memory_format)
         b = (self.bias * act_gain).to(x.dtype) if self.bias is not None else None
+        # The Triton epilogue adds the bias in its single pass; otherwise the convolution does.
+        b_conv, b_act = (
+            (None, b) if bias_act_form(x, self.bias_act_kernel) == "triton" else (b, None)
+        )
         if self.down and self.kernel_size == 1:
-            x = F.conv2d(downsample2d(x, self.fir, kernel=self.fir_kernel), w, b)
+            x = F.conv2d(downsample2d(x, self.fir, kernel=self.fir_kernel), w, b_conv)
         elif self.down:
-            x = F.conv2d(blur2d(x, self.fir, pad=2, kernel=self.fir_kernel), w, b, stride=2)
+            x = F.conv2d(blur2d(x, self.fir, pad=2, kernel=self.fir_kernel), w, b_conv, stride=2)
         else:
-            x = F.conv2d(x, w, b, padding=self.kernel_size // 2)
+            x = F.conv2d(x, w, b_conv, padding=self.kernel_size // 2)
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        if self.activation == "lrelu":
-            return lrelu_clamp_(x, clamp)
-        return x.clamp(-clamp, clamp) if clamp is not None else x
+        return bias_act(
+            x, bias_C=b_act, activation=self.activation, clamp=clamp, kernel=self.bias_act_kernel
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -419,17 +474,21 @@ def modulated_conv2d(
     fir: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     bias_O: torch.Tensor | None = None,
+    activation: str = "linear",
+    clamp: float | None = None,
     fused: bool = False,
     fir_kernel: str = "auto",
+    bias_act_kernel: str = "auto",
     memory_format: str = "auto",
 ) -> torch.Tensor:
-    """conv(x, weight scaled per sample by `styles` on its input channels [and demodulated])
-    * out_gain + noise + bias.
+    """clamp(act(conv(x, weight scaled per sample by `styles` on its input channels [and
+    demodulated]) * out_gain + noise + bias)).
 
     `noise` ([N or 1, 1, H, W] or [H, W]) and `bias_O` are added as given (the caller scales
-    them). `up=True` doubles the resolution like the official code: a stride-2 transposed
-    convolution followed by the FIR filter (pad 1, gain 4); it needs `fir`, run by
-    `fir_kernel` (see `fir_form`). `memory_format`: the layout of x (`channels_last_on`).
+    them); the epilogue runs by `bias_act_kernel` (see `bias_act`). `up=True` doubles the
+    resolution like the official code: a stride-2 transposed convolution followed by the FIR
+    filter (pad 1, gain 4); it needs `fir`, run by `fir_kernel` (see `fir_form`).
+    `memory_format`: the layout of x (`channels_last_on`).
 
     Two equivalent forms:
     - fused=False: scale the activations by the styles, run one convolution with the shared
@@ -476,7 +535,15 @@ def modulated_conv2d(
             raise ValueError("modulated_conv2d(up=True) needs the FIR filter `fir`")
         # The per-channel scale commutes with the per-channel filter, so it can wait.
         y = blur2d(y, fir, pad=1, gain=4.0, kernel=fir_kernel)
-    return _add_noise_bias(y, noise, bias_O, pending_scale_NO)
+    return bias_act(
+        y,
+        scale_NC=pending_scale_NO,
+        noise=noise,
+        bias_C=bias_O,
+        activation=activation,
+        clamp=clamp,
+        kernel=bias_act_kernel,
+    )
 
 
 def _conv_maybe_up(x: torch.Tensor, weight_OIkk: torch.Tensor, up: bool, groups: int):

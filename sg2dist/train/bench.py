@@ -41,6 +41,7 @@ class StepBenchSettings:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the main phases (R1 / path length stay eager)
     fir_kernel: str = "auto"  # model.fir_kernel: auto | triton
+    bias_act_kernel: str = "auto"  # model.bias_act_kernel: auto | triton
     memory_format: str = "auto"  # train.memory_format: auto | channels_last | contiguous
     cycles: int = 2  # timed 16-iteration cycles
     augment: str = "none"  # augment.mode: none | ada | fixed | diffaugment
@@ -61,6 +62,7 @@ def bench_config(settings: StepBenchSettings) -> Config:
             f"model.channel_max={settings.channel_max}",
             f"model.map_layers={settings.map_layers}",
             f"model.fir_kernel={settings.fir_kernel}",
+            f"model.bias_act_kernel={settings.bias_act_kernel}",
             f"train.batch={settings.batch}",
             f"train.batch_gpu={settings.batch}",
             f"train.precision={PRECISION_MODES[settings.precision]}",

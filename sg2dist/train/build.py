@@ -211,12 +211,13 @@ def snapshot_nimg(cfg: Config) -> int:
 
 
 def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
-    if cfg.model.fir_kernel == "triton" and importlib.util.find_spec("triton") is None:
-        # Checked here, not in the config: a model trained with it loads anywhere.
-        raise UserError(
-            "model.fir_kernel=triton needs the `triton` package (Linux builds of torch "
-            "install it); install it or set model.fir_kernel=auto"
-        )
+    for key in ("fir_kernel", "bias_act_kernel"):
+        if getattr(cfg.model, key) == "triton" and importlib.util.find_spec("triton") is None:
+            # Checked here, not in the config: a model trained with it loads anywhere.
+            raise UserError(
+                f"model.{key}=triton needs the `triton` package (Linux builds of torch "
+                f"install it); install it or set model.{key}=auto"
+            )
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     G, D = build_networks(cfg.model)
     G = use_conv_layout_(G, accelerator.device, cfg.train.memory_format)

@@ -3,6 +3,8 @@ another memory format; a setting that cannot apply to the device is one error.""
 
 import re
 
+import pytest
+
 from sg2dist import cli
 
 TINY_STEP_BENCH = [
@@ -29,7 +31,8 @@ def test_bench_step_runs_in_the_memory_format_asked_and_prints_it(capsys):
     assert " fp32 contiguous on cpu" in out
 
 
-def test_bench_step_refuses_the_triton_fir_kernel_on_cpu_with_one_line(capsys):
-    assert cli.main(["bench", "step", "--fir-kernel", "triton"]) == 2
+@pytest.mark.parametrize("flag", ["--fir-kernel", "--bias-act-kernel"])
+def test_bench_step_refuses_a_triton_kernel_on_cpu_with_one_line(flag, capsys):
+    assert cli.main(["bench", "step", flag, "triton"]) == 2
     err = capsys.readouterr().err
-    assert "--fir-kernel triton runs on CUDA only" in err and "add --device cuda" in err
+    assert f"{flag} triton runs on CUDA only" in err and "add --device cuda" in err

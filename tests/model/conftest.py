@@ -25,14 +25,14 @@ def small_nets():
 
 @pytest.fixture
 def triton_on_cpu(monkeypatch):
-    """`sg2dist.model.fir_triton` imported under Triton's interpreter for one test, so its
+    """`sg2dist.model.triton_kernels` imported under Triton's interpreter for one test, so its
     kernel runs on CPU tensors (slowly, with the same arithmetic). Triton picks compiled or
     interpreted when a kernel is defined, hence the fresh import; the next test gets the
     module as it was."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delitem(sys.modules, "sg2dist.model.fir_triton", raising=False)
-    module = importlib.import_module("sg2dist.model.fir_triton")
+    monkeypatch.delitem(sys.modules, "sg2dist.model.triton_kernels", raising=False)
+    module = importlib.import_module("sg2dist.model.triton_kernels")
     assert module.INTERPRETED
     yield module
-    sys.modules.pop("sg2dist.model.fir_triton", None)
+    sys.modules.pop("sg2dist.model.triton_kernels", None)

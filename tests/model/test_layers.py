@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from sg2dist.model.layers import (
     Conv2dLayer,
     FullyConnected,
+    bias_act,
+    bias_act_form,
     blur2d,
     downsample2d,
     fir_filter,
@@ -259,3 +261,79 @@ def test_triton_fir_kernel_is_used_only_where_it_can_run():
     assert fir_form(cpu, "auto") == "depthwise"
     with pytest.raises(ValueError, match="FIR kernel 'cudnn' is not one of"):
         fir_form(cpu, "cudnn")
+
+
+# ---------------------------------------------------------------------------- bias + activation
+
+EPILOGUES = {  # which operands bias_act gets, as each layer type calls it
+    "synthesis": dict(scale=True, noise=(2, 1, 5, 5), activation="lrelu", clamp=1.0),
+    "synthesis-const-noise": dict(scale=True, noise=(5, 5), activation="lrelu", clamp=None),
+    "discriminator": dict(scale=False, noise=None, activation="lrelu", clamp=1.0),
+    "torgb": dict(scale=False, noise=None, activation="linear", clamp=1.0),
+}
+
+
+def reference_bias_act(x, scale_NC, noise, bias_C, activation, clamp):
+    if scale_NC is not None:
+        x = x * scale_NC[:, :, None, None]
+    if noise is not None:
+        x = x + noise
+    x = x + bias_C[None, :, None, None]
+    if activation == "lrelu":
+        x = F.leaky_relu(x, 0.2)
+    return x.clamp(-clamp, clamp) if clamp is not None else x
+
+
+def epilogue_penalty_grads(op, spec):
+    """Output, the gradients of a penalty with respect to every operand (create_graph, as R1
+    and path length take them), and the gradients of their squared norm (second order)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 5, 5) * 2  # about a third of the values beyond the clamp at 1
+    operands = [
+        x,
+        torch.rand(2, 3) + 0.5 if spec["scale"] else None,
+        torch.randn(*spec["noise"]) * 0.5 if spec["noise"] else None,
+        torch.randn(3) * 0.5,
+    ]
+    inputs = [t.requires_grad_(True) for t in operands if t is not None]
+    y = op(*operands, spec["activation"], spec["clamp"])
+    r = torch.randn(y.shape).requires_grad_(True)
+    first = torch.autograd.grad((torch.tanh(y) * r).sum(), inputs, create_graph=True)
+    second = torch.autograd.grad(sum(g.square().sum() for g in first), [*inputs, r])
+    return (y, *first, *second)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+@pytest.mark.parametrize("name", EPILOGUES)
+def test_bias_act_has_the_reference_first_and_second_derivatives(name, kernel, layout, request):
+    if kernel == "triton":
+        request.getfixturevalue("triton_on_cpu")
+
+    def ours(x, scale_NC, noise, bias_C, activation, clamp):
+        x = x.clone(memory_format=layout)  # "auto" works in place on a fresh tensor
+        assert bias_act_form(x, kernel) == ("triton" if kernel == "triton" else "torch")
+        y = bias_act(
+            x,
+            scale_NC=scale_NC,
+            noise=noise,
+            bias_C=bias_C,
+            activation=activation,
+            clamp=clamp,
+            kernel=kernel,
+        )
+        assert y.is_contiguous(memory_format=layout)
+        return y
+
+    got = epilogue_penalty_grads(ours, EPILOGUES[name])
+    want = epilogue_penalty_grads(reference_bias_act, EPILOGUES[name])
+    for got_t, want_t in zip(got, want, strict=True):
+        torch.testing.assert_close(got_t, want_t)
+
+
+def test_triton_bias_act_is_used_only_where_it_can_run():
+    pytest.importorskip("triton")
+    cpu = torch.zeros(1, 1, 4, 4)
+    assert bias_act_form(cpu, "triton") == "torch"  # compiled Triton needs a GPU
+    with pytest.raises(ValueError, match="bias_act kernel 'cuda' is not one of auto, triton"):
+        bias_act_form(cpu, "cuda")

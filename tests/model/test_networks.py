@@ -5,7 +5,8 @@ import torch
 
 from sg2dist.model import count_params
 from sg2dist.model.discriminator import MinibatchStd
-from sg2dist.model.layers import use_conv_layout_
+from sg2dist.model.generator import SynthesisLayer, ToRGB
+from sg2dist.model.layers import Conv2dLayer, use_conv_layout_
 
 
 def latents(G, n: int, seed: int = 0):
@@ -185,15 +186,23 @@ def test_fused_modconv_generator_matches_the_per_sample_form(small_nets):
     assert (fused - per_sample).abs().max() < 1e-5
 
 
-def test_model_fir_kernel_reaches_every_filtering_layer_of_both_networks(small_nets):
-    G, D = small_nets(resolution=32, fir_kernel="triton")
+def test_model_kernels_reach_every_filtering_and_epilogue_layer_of_both_networks(small_nets):
+    G, D = small_nets(resolution=32, fir_kernel="triton", bias_act_kernel="triton")
     filtering = [m for m in (*G.modules(), *D.modules()) if "fir" in m._buffers]
     b32, d32 = G.synthesis.blocks["b32"], D.blocks["b32"]
     # The upsampling conv, the image upsampling, the downsampling conv and skip among them.
     assert {id(b32.conv0), id(b32), id(d32.conv1), id(d32.skip)} <= {id(m) for m in filtering}
     assert {m.fir_kernel for m in filtering} == {"triton"}
+    epilogues = [m for m in (*G.modules(), *D.modules()) if hasattr(m, "bias_act_kernel")]
+    # Every synthesis layer and toRGB, every D conv (fromRGB, block convs, the epilogue's).
+    kinds = (SynthesisLayer, ToRGB, Conv2dLayer)
+    assert {id(m) for m in (*G.modules(), *D.modules()) if isinstance(m, kinds)} == {
+        id(m) for m in epilogues
+    }
+    assert {m.bias_act_kernel for m in epilogues} == {"triton"}
     G_default, _ = small_nets(resolution=32)
     assert {m.fir_kernel for m in G_default.modules() if "fir" in m._buffers} == {"auto"}
+    assert {getattr(m, "bias_act_kernel", "auto") for m in G_default.modules()} == {"auto"}
 
 
 @pytest.mark.parametrize("memory_format", ["auto", "channels_last", "contiguous"])

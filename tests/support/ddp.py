@@ -32,7 +32,8 @@ def run_worker(
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Head and tail: a rank's own error comes first, torchrun's summary of it last.
+    assert result.returncode == 0, f"{result.stderr[:4000]}\n[...]\n{result.stderr[-2000:]}"
     return torch.load(out, weights_only=True)
 
 

@@ -218,7 +218,7 @@ def test_checkpoints_from_before_w_avg_beta_and_freeze_d_still_resume():
 
 def test_a_resume_may_change_how_the_model_computes_but_not_its_weights():
     restore, progress = tiny_checkpoint(load_config(None, tiny_model_sets()))
-    free = ["model.fir_kernel=triton", "model.fused_modconv=true"]
+    free = ["model.fir_kernel=triton", "model.bias_act_kernel=triton", "model.fused_modconv=true"]
     assert restore(load_config(None, [*tiny_model_sets(), *free])) == {"position": 1}
     assert progress.step == 3
     wider = load_config(None, tiny_model_sets(channel_max=64))
