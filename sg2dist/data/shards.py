@@ -4,8 +4,11 @@ s3:// shards open through `sg2dist.storage` (boto3): a handler registered in
 webdataset's `gopen_schemes` receives the caller's client, so every worker process
 uses its own. A read that breaks off mid-shard (a reset connection, a server restart)
 re-opens the shard and continues after the samples already given out, so a consumer
-sees each sample exactly once; after READ_ATTEMPTS the failure becomes one UserError
-naming the shard. `OpenAhead` opens the next s3:// shard while the current one is read.
+sees each sample exactly once; after READ_ATTEMPTS it becomes one StorageUnavailableError
+naming the shard, which a trainer exits on with the retryable code (a Kubernetes Job then
+resumes the run from its checkpoint). Bytes that arrive but are not a whole tar (a
+truncated or damaged shard) are one UserError at once: no retry makes them whole.
+`OpenAhead` opens the next s3:// shard while the current one is read.
 
 Tar members are read by `tar_members`, not by webdataset's tar_file_iterator: that one
 goes through `tarfile`'s stream mode, an order of magnitude slower per member than
@@ -247,16 +250,18 @@ def read_shard(
                     given += 1
                     yield sample
             return
-        except Exception as exc:  # tar, urllib3 and botocore errors all mean "the read broke"
+        except Exception as exc:
             reason = f"{type(exc).__name__}: {exc.args[0] if exc.args else ''}"
-            if not storage.is_s3(url):
+            # The tar reader's errors (bytes that are not a whole tar) and any local read
+            # error mean damage; the rest (urllib3, botocore) mean the S3 read broke off.
+            if isinstance(exc, (ValueError, EOFError)) or not storage.is_s3(url):
                 raise UserError(
                     f"shard {url} is damaged ({reason}); re-run `sg2dist prepare`"
                 ) from None
             if attempt == READ_ATTEMPTS:
-                raise UserError(
-                    f"reading shard {url} failed {READ_ATTEMPTS} times ({reason}); "
-                    "check the S3 endpoint (AWS_ENDPOINT_URL_S3) and that the object is intact"
+                raise storage.StorageUnavailableError(
+                    f"reading shard {url} broke off {READ_ATTEMPTS} times ({reason}); check "
+                    "the S3 endpoint (AWS_ENDPOINT_URL_S3): the run exits to be retried"
                 ) from None
             delay = RETRY_BASE_DELAY_S * 2 ** (attempt - 1)
             log.warning("reading %s broke off (%s); retrying in %.0f s", url, reason, delay)

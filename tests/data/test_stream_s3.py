@@ -6,9 +6,11 @@ retries, and never in a hang: every test here is bounded by a timeout.
 
 from __future__ import annotations
 
+import io
 import threading
 from itertools import islice
 
+import botocore.exceptions
 import pytest
 import torch
 from support.s3 import SeaweedFS
@@ -90,8 +92,8 @@ def test_server_stopped_mid_stream_ends_in_a_clear_error_not_a_hang(
     assert url in message and "\n" not in message
     known = ("cannot reach S3 endpoint", "could not serve", "reading shard")
     assert any(form in message for form in known), message
-    if "reading shard" not in message:  # the outage itself, met by a data worker:
-        assert isinstance(info.value, TemporaryError)  # the retryable exit code (75)
+    # An outage, whether it met a request or a read: the retryable exit code (75).
+    assert isinstance(info.value, TemporaryError), message
 
 
 @pytest.mark.timeout(180)
@@ -162,3 +164,78 @@ def test_a_failed_open_ahead_leaves_the_error_to_the_normal_read(s3_env):
     ahead = shards.OpenAhead(missing, storage.s3_client())
     with pytest.raises(UserError, match=f"{missing} does not exist"):
         next(shards.read_shard(missing, ahead=ahead))
+
+
+class BreakingStream(io.RawIOBase):
+    """A real S3 object's stream that breaks off, as a reset connection does, after
+    `after_bytes` bytes."""
+
+    def __init__(self, stream, after_bytes: int):
+        self.stream, self.left = stream, after_bytes
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.left <= 0:
+            raise botocore.exceptions.ResponseStreamingError(error="connection reset by peer")
+        n = self.stream.readinto(memoryview(buffer)[: self.left])
+        self.left -= n
+        return n
+
+    def close(self):
+        self.stream.close()
+        super().close()
+
+
+def _break_reads(monkeypatch, breaks: int, after_bytes: int = 3000) -> list[int]:
+    """The next `breaks` shard streams break off after `after_bytes`; returns the opens."""
+    opens: list[int] = []
+    open_read = storage.open_read
+
+    def breaking_open_read(url, *, client=None):
+        opens.append(1)
+        stream = open_read(url, client=client)
+        return BreakingStream(stream, after_bytes) if len(opens) <= breaks else stream
+
+    monkeypatch.setattr(storage, "open_read", breaking_open_read)
+    monkeypatch.setattr(shards, "RETRY_BASE_DELAY_S", 0.0)
+    return opens
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_read_that_breaks_off_resumes_and_gives_each_sample_once(
+    s3_env, tmp_path, kit, monkeypatch
+):
+    url = _prepare_to(s3_env.url + "/breaks", tmp_path, kit, count=6)
+    shard = stream.open_manifest(url).shard_url(0)
+    intact = [sample["__key__"] for sample in shards.read_shard(shard)]
+    opens = _break_reads(monkeypatch, breaks=shards.READ_ATTEMPTS - 1)
+    assert [sample["__key__"] for sample in shards.read_shard(shard)] == intact
+    assert len(opens) == shards.READ_ATTEMPTS  # it broke off every time but the last
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_read_that_keeps_breaking_off_is_a_retryable_error(
+    s3_env, tmp_path, kit, monkeypatch
+):
+    url = _prepare_to(s3_env.url + "/keeps-breaking", tmp_path, kit, count=6)
+    shard = stream.open_manifest(url).shard_url(0)
+    _break_reads(monkeypatch, breaks=shards.READ_ATTEMPTS)
+    with pytest.raises(TemporaryError, match=f"reading shard {shard} broke off 4 times"):
+        list(shards.read_shard(shard))
+
+
+@pytest.mark.timeout(120)
+def test_a_truncated_shard_in_s3_is_one_error_at_once_not_retried(
+    s3_env, tmp_path, kit, monkeypatch
+):
+    url = _prepare_to(s3_env.url + "/truncated", tmp_path, kit, count=6)
+    shard = stream.open_manifest(url).shard_url(0)
+    whole = storage.read_bytes(shard)
+    storage.write_bytes(shard, whole[: len(whole) // 2])
+    opens = _break_reads(monkeypatch, breaks=0)  # counts the opens, breaks nothing
+    with pytest.raises(UserError, match=f"shard {shard} is damaged") as info:
+        list(shards.read_shard(shard))
+    assert not isinstance(info.value, TemporaryError)  # exit 2: a retried job cannot fix it
+    assert len(opens) == 1
