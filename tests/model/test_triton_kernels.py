@@ -21,14 +21,17 @@ POINTER_DTYPES = {"f_ptr": "fp32"}  # the FIR taps are float32 whatever the acti
 
 
 @pytest.fixture(scope="module")
-def compiled_kernels():
-    """triton_kernels as a compiled (not interpreted) module."""
+def compiled_kernels(tmp_path_factory):
+    """triton_kernels as a compiled (not interpreted) module, with Triton's compile cache in
+    a temporary folder (nothing left in the home folder, nothing reused from an earlier run)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set for the whole session")
-    sys.modules.pop("sg2dist.model.triton_kernels", None)
-    from sg2dist.model import triton_kernels
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
+        sys.modules.pop("sg2dist.model.triton_kernels", None)
+        from sg2dist.model import triton_kernels
 
-    return triton_kernels
+        yield triton_kernels
 
 
 def compile_for_sm90(kernel, dtype: str, constexprs: dict) -> bytes:
