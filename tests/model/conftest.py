@@ -35,4 +35,7 @@ def triton_on_cpu(monkeypatch):
     module = importlib.import_module("sg2dist.model.triton_kernels")
     assert module.INTERPRETED
     yield module
+    # Forget the interpreted module, also as the package's attribute, which `from sg2dist.model
+    # import triton_kernels` would return without looking at sys.modules.
     sys.modules.pop("sg2dist.model.triton_kernels", None)
+    vars(sys.modules["sg2dist.model"]).pop("triton_kernels", None)

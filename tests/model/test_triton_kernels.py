@@ -9,6 +9,7 @@ does not compile. No GPU is needed: nothing is launched.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -28,10 +29,11 @@ def compiled_kernels(tmp_path_factory):
         pytest.skip("TRITON_INTERPRET=1 is set for the whole session")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
+        # A fresh import: an earlier test may have imported the module interpreted.
         sys.modules.pop("sg2dist.model.triton_kernels", None)
-        from sg2dist.model import triton_kernels
-
-        yield triton_kernels
+        module = importlib.import_module("sg2dist.model.triton_kernels")
+        assert not module.INTERPRETED
+        yield module
 
 
 def compile_for_sm90(kernel, dtype: str, constexprs: dict) -> bytes:
