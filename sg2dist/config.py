@@ -46,7 +46,8 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-KERNELS = ("auto", "triton")  # model.fir_kernel, model.bias_act_kernel
+KERNELS = ("auto", "triton")  # the values of each model key in KERNEL_KEYS
+KERNEL_KEYS = ("fir_kernel", "bias_act_kernel")  # model keys that pick a PyTorch or Triton form
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
@@ -89,7 +90,7 @@ class ModelConfig:
             raise ConfigError(f"model.c_dim={self.c_dim} must be >= 0 (0 = unconditional)")
         if not 0.0 <= self.w_avg_beta <= 1.0:
             raise ConfigError(f"model.w_avg_beta={self.w_avg_beta} must be in [0, 1], e.g. 0.995")
-        for key in ("fir_kernel", "bias_act_kernel"):
+        for key in KERNEL_KEYS:
             if getattr(self, key) not in KERNELS:
                 raise ConfigError(
                     f"model.{key}='{getattr(self, key)}' is not one of {', '.join(KERNELS)}; "
@@ -469,7 +470,7 @@ def load_config(
 
 # Model keys that change how the same weights are computed, not which weights exist: a config
 # may set them whatever the --init-from source used, and a resumed run may change them.
-FREE_MODEL_KEYS = ("fused_modconv", "fir_kernel", "bias_act_kernel")
+FREE_MODEL_KEYS = ("fused_modconv", *KERNEL_KEYS)
 
 
 def same_weights(a: ModelConfig, b: ModelConfig) -> bool:

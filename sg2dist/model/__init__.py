@@ -10,7 +10,7 @@ Build on `torch.device("meta")` to count parameters without allocating memory:
 
 from __future__ import annotations
 
-from sg2dist.config import ConfigError, ModelConfig
+from sg2dist.config import KERNEL_KEYS, ConfigError, ModelConfig
 from sg2dist.model.discriminator import Discriminator
 from sg2dist.model.generator import Generator
 from sg2dist.model.layers import use_kernels_
@@ -52,7 +52,7 @@ def build_networks(model_cfg: ModelConfig) -> tuple[Generator, Discriminator]:
         num_fp16_res=model_cfg.num_fp16_res,
         conv_clamp=model_cfg.conv_clamp,
     )
-    kernels = {"fir_kernel": model_cfg.fir_kernel, "bias_act_kernel": model_cfg.bias_act_kernel}
+    kernels = {key: getattr(model_cfg, key) for key in KERNEL_KEYS}
     return use_kernels_(G, **kernels), use_kernels_(D, **kernels)
 
 

@@ -25,7 +25,7 @@ from accelerate.utils import (
 
 from sg2dist import __version__, storage
 from sg2dist.augment import Augmenter, AugmentState, initial_state
-from sg2dist.config import P_FROM_CHECKPOINT, Config, RunConfig, dump_config
+from sg2dist.config import KERNEL_KEYS, P_FROM_CHECKPOINT, Config, RunConfig, dump_config
 from sg2dist.data import (
     Manifest,
     StreamLoader,
@@ -211,7 +211,7 @@ def snapshot_nimg(cfg: Config) -> int:
 
 
 def build_nets(cfg: Config, accelerator: Accelerator) -> Nets:
-    for key in ("fir_kernel", "bias_act_kernel"):
+    for key in KERNEL_KEYS:
         if getattr(cfg.model, key) == "triton" and importlib.util.find_spec("triton") is None:
             # Checked here, not in the config: a model trained with it loads anywhere.
             raise UserError(
