@@ -98,7 +98,11 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-layers", type=int, default=8)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile G and D")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every network call of Gmain and Dmain (R1 and path length stay eager)",
+    )
     parser.add_argument(
         "--fir-kernel",
         choices=list(KERNELS),

@@ -501,14 +501,7 @@ def modulated_conv2d(
     N, in_channels, H, W = x_NIHW.shape
     out_channels, _, kh, kw = weight_OIkk.shape
     if x_NIHW.dtype == torch.float16 and demodulate:
-        # Demodulation is scale-invariant; normalising first keeps fp16 products finite.
-        weight_OIkk = weight_OIkk * (
-            1.0
-            / math.sqrt(in_channels * kh * kw)
-            / weight_OIkk.abs().amax(dim=(1, 2, 3), keepdim=True)
-        )
-        styles_NI = styles_NI / styles_NI.abs().amax(dim=1, keepdim=True)
-
+        weight_OIkk, styles_NI = _fp16_prenormalise(weight_OIkk, styles_NI)
     scale_NO = demodulation_coefficients(weight_OIkk, styles_NI) if demodulate else None
     if out_gain != 1.0:
         scale_NO = (
@@ -544,6 +537,16 @@ def modulated_conv2d(
         clamp=clamp,
         kernel=bias_act_kernel,
     )
+
+
+def _fp16_prenormalise(weight_OIkk: torch.Tensor, styles_NI: torch.Tensor):
+    """Weights and styles rescaled so that fp16 products stay finite; demodulation is
+    scale-invariant, so the demodulated result is the same."""
+    _, in_channels, kh, kw = weight_OIkk.shape
+    weight_OIkk = weight_OIkk * (
+        1.0 / math.sqrt(in_channels * kh * kw) / weight_OIkk.abs().amax(dim=(1, 2, 3), keepdim=True)
+    )
+    return weight_OIkk, styles_NI / styles_NI.abs().amax(dim=1, keepdim=True)
 
 
 def _conv_maybe_up(x: torch.Tensor, weight_OIkk: torch.Tensor, up: bool, groups: int):

@@ -9,6 +9,7 @@ the networks and the step, not the data loader (`sg2dist bench data` does that).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import time
@@ -22,7 +23,7 @@ import torch
 from sg2dist.augment import initial_state
 from sg2dist.config import Config, load_config
 from sg2dist.train.build import build_nets, build_step_context, make_accelerator
-from sg2dist.train.step import StepContext, StepState, train_step, update_ema
+from sg2dist.train.step import Nets, StepContext, StepState, train_step, update_ema
 
 PRECISION_MODES = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # bench name -> config value
 CYCLE_STEPS = 16
@@ -39,7 +40,7 @@ class StepBenchSettings:
     map_layers: int = 8
     device: str = "cpu"  # cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    compile: bool = False  # torch.compile the main phases (R1 / path length stay eager)
+    compile: bool = False  # torch.compile every call of the main phases (not R1 / path length)
     fir_kernel: str = "auto"  # model.fir_kernel: auto | triton
     bias_act_kernel: str = "auto"  # model.bias_act_kernel: auto | triton
     memory_format: str = "auto"  # train.memory_format: auto | channels_last | contiguous
@@ -107,6 +108,28 @@ class PhaseTimer:
         self.calls[name] += 1
 
 
+def _torch_compile(module: torch.nn.Module) -> torch.nn.Module:
+    # torch.compile's stub returns a plain callable; for a Module it is an OptimizedModule.
+    return cast(torch.nn.Module, torch.compile(module))
+
+
+def compile_main_phases(
+    nets: Nets, compile_fn: Callable[[torch.nn.Module], torch.nn.Module] = _torch_compile
+) -> Nets:
+    """`nets` with every network call of Gmain and Dmain compiled: the trained network (its
+    DDP wrapper) and the other one, called as a fixed function. R1 and path length need
+    double backward, which torch.compile does not support: they keep the eager modules."""
+    return dataclasses.replace(
+        nets,
+        G_ddp=compile_fn(nets.G_ddp),
+        D_ddp=compile_fn(nets.D_ddp),
+        G_fixed=compile_fn(nets.G_net),
+        D_fixed=compile_fn(nets.D_net),
+        G_reg_ddp=nets.G_ddp,
+        D_reg_ddp=nets.D_ddp,
+    )
+
+
 def run_step_bench(
     settings: StepBenchSettings, *, profile: bool = False
 ) -> tuple[dict[str, float], PhaseProfile | None]:
@@ -121,11 +144,7 @@ def run_step_bench(
     acc = make_accelerator(cfg.train.precision)
     nets = build_nets(cfg, acc)
     if settings.compile:
-        # Main phases compiled; R1 and path length (double backward) stay eager.
-        nets.G_reg_ddp, nets.D_reg_ddp = nets.G_ddp, nets.D_ddp
-        # torch.compile's stub returns a plain callable; for a Module it is an OptimizedModule.
-        nets.G_ddp = cast(torch.nn.Module, torch.compile(nets.G_ddp))
-        nets.D_ddp = cast(torch.nn.Module, torch.compile(nets.D_ddp))
+        nets = compile_main_phases(nets)
     ctx = build_step_context(cfg, acc)
     state = StepState.on(acc.device, initial_state(cfg.augment))
     batch = settings.batch

@@ -73,10 +73,13 @@ class Nets:
     G_ema: Generator
     G_opt: torch.optim.Optimizer
     D_opt: torch.optim.Optimizer
-    # The regularisation phases need double backward, which torch.compile does not support:
-    # with compiled G_ddp/D_ddp these hold the eager modules (None = same as G_ddp/D_ddp).
-    G_reg_ddp: torch.nn.Module | None = None
-    D_reg_ddp: torch.nn.Module | None = None
+    # `sg2dist bench step --compile` runs the main phases through compiled modules. The
+    # regularisation phases need double backward, which torch.compile does not support, so
+    # they keep the eager ones here. None = the default noted on each line.
+    G_reg_ddp: torch.nn.Module | None = None  # G in Greg (G_ddp)
+    D_reg_ddp: torch.nn.Module | None = None  # D in Dreg (D_ddp)
+    G_fixed: torch.nn.Module | None = None  # G as a fixed function in Dmain (G_net)
+    D_fixed: torch.nn.Module | None = None  # D as a fixed function in Gmain (D_net)
 
 
 def _untimed(_name: str) -> AbstractContextManager[Any]:
@@ -128,6 +131,11 @@ class StepState:
         )
 
 
+def _given(module: torch.nn.Module | None, default: torch.nn.Module) -> torch.nn.Module:
+    # Not `module or default`: a compiled module's truth value asks for its len().
+    return module if module is not None else default
+
+
 def _scale_fn(ctx: StepContext):
     return ctx.scaler.scale if ctx.scaler is not None else L._identity
 
@@ -147,12 +155,13 @@ def _phase_passes(
     t = ctx.train
     mix = t.style_mixing_prob
     if phase.name == "Gmain":
-        return [lambda: L.g_main_loss(nets.G_ddp, nets.D_net, gen_z, gen_c, mix, aug)]
+        D_fixed = _given(nets.D_fixed, nets.D_net)
+        return [lambda: L.g_main_loss(nets.G_ddp, D_fixed, gen_z, gen_c, mix, aug)]
     if phase.name == "Greg":
         n = max(len(gen_z) // t.pl_batch_shrink, 1)
 
         def greg():
-            G_reg = nets.G_reg_ddp or nets.G_ddp
+            G_reg = _given(nets.G_reg_ddp, nets.G_ddp)
             lengths, gen_img = L.path_lengths(G_reg, gen_z[:n], gen_c[:n], mix, _scale_fn(ctx))
             return L.pl_loss(
                 lengths, gen_img, pl_mean=pl_mean, pl_weight=t.pl_weight, gain=phase.interval
@@ -160,10 +169,11 @@ def _phase_passes(
 
         return [greg]
     if phase.name == "Dmain":
+        G_fixed = _given(nets.G_fixed, nets.G_net)
         if L.can_combine_d_calls(len(real_img), ctx.mbstd_group):
             return [
                 lambda: L.d_main_loss(
-                    nets.G_net,
+                    G_fixed,
                     nets.D_ddp,
                     real_img,
                     real_c,
@@ -175,13 +185,13 @@ def _phase_passes(
                 )
             ]
         return [
-            lambda: L.d_fake_loss(nets.G_net, nets.D_ddp, gen_z, gen_c, mix, aug),
+            lambda: L.d_fake_loss(G_fixed, nets.D_ddp, gen_z, gen_c, mix, aug),
             lambda: L.d_real_loss(nets.D_ddp, real_img, real_c, aug),
         ]
     if phase.name == "Dreg":
         return [
             lambda: L.r1_loss(
-                nets.D_reg_ddp or nets.D_ddp,
+                _given(nets.D_reg_ddp, nets.D_ddp),
                 real_img,
                 real_c,
                 r1_gamma=t.r1_gamma,

@@ -10,35 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from support.tiny import tiny_model_sets
+from support.tiny import tiny_step_parts, tiny_step_reals
 
-from sg2dist.config import load_config
-from sg2dist.train.build import build_nets, build_step_context, make_accelerator
-from sg2dist.train.step import StepState, train_step
+from sg2dist.train.step import train_step
 
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
-
-
-def tiny_step_parts(*extra_sets: str):
-    cfg = load_config(
-        None,
-        [
-            *tiny_model_sets(),
-            "train.batch=4",
-            "train.batch_gpu=4",
-            "train.pl_interval=2",
-            "train.r1_interval=2",
-            "train.precision=no",
-            *extra_sets,
-        ],
-    )
-    acc = make_accelerator("no")
-    return build_nets(cfg, acc), build_step_context(cfg, acc), StepState.on(acc.device)
-
-
-def reals(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1, torch.zeros(4, 0))]
 
 
 @pytest.fixture
@@ -59,7 +35,7 @@ def host_reads(monkeypatch) -> Iterator[collections.Counter]:
 def test_a_training_step_reads_no_device_value_on_the_host(host_reads):
     nets, ctx, state = tiny_step_parts()
     for step in range(4):  # every phase, path length and R1 included
-        train_step(ctx, nets, state, step, reals(step))
+        train_step(ctx, nets, state, step, tiny_step_reals(step))
     # The only reads are the style-mixing coin flips, drawn from torch's CPU generator on
     # purpose (they never wait for a GPU); everything else stays on the device.
     assert set(host_reads) == {("item", "mix_styles")}
@@ -67,7 +43,7 @@ def test_a_training_step_reads_no_device_value_on_the_host(host_reads):
 
 def test_non_finite_gradients_skip_the_update_on_the_device_and_count_it():
     nets, ctx, state = tiny_step_parts()
-    train_step(ctx, nets, state, 1, reals(0))  # a normal step: Adam has state to compare
+    train_step(ctx, nets, state, 1, tiny_step_reals(0))  # a normal step: Adam has state to compare
     D_before = copy.deepcopy(nets.D_net.state_dict())
     D_opt_before = copy.deepcopy(nets.D_opt.state_dict()["state"])
     G_before = copy.deepcopy(nets.G_net.state_dict())
@@ -82,7 +58,7 @@ def test_non_finite_gradients_skip_the_update_on_the_device_and_count_it():
     assert any(not torch.equal(v, G_before[k]) for k, v in nets.G_net.state_dict().items())
     assert int(state.skipped_steps) == 1 and int(state.nonfinite_in_row) == 1
 
-    train_step(ctx, nets, state, 5, reals(1))
+    train_step(ctx, nets, state, 5, tiny_step_reals(1))
     assert int(state.skipped_steps) == 1 and int(state.nonfinite_in_row) == 0
     assert any(not torch.equal(v, D_before[k]) for k, v in nets.D_net.state_dict().items())
 
@@ -94,7 +70,7 @@ def test_training_in_nchw_on_cpu_matches_the_channels_last_default():
         conv_weight = nets.G_net.synthesis.blocks["b16"].conv1.weight
         assert conv_weight.is_contiguous() == (memory_format == "contiguous")
         for step in range(4):  # every phase, path length and R1 included
-            train_step(ctx, nets, state, step, reals(step))
+            train_step(ctx, nets, state, step, tiny_step_reals(step))
         weights.append(
             {f"{net}.{name}": value for net in ("G_net", "D_net")
              for name, value in getattr(nets, net).state_dict().items()}
