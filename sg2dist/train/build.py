@@ -174,6 +174,13 @@ def make_accelerator(
     ]
     for key, value in nccl_environment(peer_timeout_s).items():
         os.environ.setdefault(key, value)  # read when the process group starts; user's win
+    # Before the process group starts: imported after it (DDP imports it when it wraps a
+    # network), torch._dynamo keeps 10 references to the group's Python object, so
+    # destroy_process_group can no longer end it. Its gloo threads then live on into
+    # interpreter shutdown, where now and then one aborts the finished process (SIGABRT,
+    # "terminate called without an active exception"; 3 of 50 two-process runs).
+    importlib.import_module("torch._dynamo")
+
     return Accelerator(mixed_precision=precision, cpu=not use_cuda, kwargs_handlers=handlers)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,11 @@ def run_worker(
     # Head and tail: a rank's own error comes first, torchrun's summary of it last.
     assert result.returncode == 0, f"{result.stderr[:4000]}\n[...]\n{result.stderr[-2000:]}"
     return torch.load(out, weights_only=True)
+
+
+def threads_left(out: Path, rank: int) -> list[str]:
+    """The threads a rank of `run_worker(out, ...)` still had after its main function."""
+    return json.loads(Path(f"{out}.threads.rank{rank}.json").read_text())
 
 
 def max_abs_diff(a: dict, b: dict) -> float:

@@ -5,6 +5,8 @@ Under torchrun each rank takes the micro-batches that the global layout assigns 
 (global micro-batch j = round * world_size + rank), so any layout sees the same samples.
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,5 +100,14 @@ def main() -> None:
     leave_process_group()  # as the `sg2dist` command does
 
 
+def record_threads_left(out: str) -> None:
+    """The names of this process's threads besides the main one, for the test to read: what
+    would still run while Python shuts down (main() has returned, its networks are freed)."""
+    tids = [tid for tid in os.listdir("/proc/self/task") if int(tid) != os.getpid()]
+    names = sorted(Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in tids)
+    Path(f"{out}.threads.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(names))
+
+
 if __name__ == "__main__":
     main()
+    record_threads_left(sys.argv[1])

@@ -1,6 +1,6 @@
 """2 real processes (gloo on CPU) train exactly like 1 process with the same global batch."""
 
-from support.ddp import max_abs_diff, run_worker
+from support.ddp import max_abs_diff, run_worker, threads_left
 
 
 def test_two_processes_with_accumulation_match_one_process_on_the_same_samples(tmp_path):
@@ -15,6 +15,15 @@ def test_two_processes_with_accumulation_match_one_process_on_the_same_samples(t
     # The comparison is meaningful: training moved the weights well beyond the tolerance.
     assert max_abs_diff(single["G"], moved["G"]) > 1e-3
     assert max_abs_diff(single["D"], moved["D"]) > 1e-3
+
+
+def test_each_rank_ends_its_gloo_threads_before_python_shuts_down(tmp_path):
+    # A gloo thread still running during interpreter shutdown now and then aborts a rank
+    # that finished its work (SIGABRT): the run then fails after it succeeded. The group's
+    # threads end when destroy_process_group releases it, unless something still holds it.
+    run_worker(tmp_path / "two.pt", batch=8, batch_gpu=2, steps=1, nproc=2)
+    for rank in (0, 1):
+        assert not [name for name in threads_left(tmp_path / "two.pt", rank) if "gloo" in name]
 
 
 def test_two_processes_match_one_process_with_ada_while_p_adapts(tmp_path):
