@@ -92,17 +92,6 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
-def lrelu_clamp_(x: torch.Tensor, clamp: float | None) -> torch.Tensor:
-    """Leaky ReLU in place, then an optional clamp.
-
-    `x` must be a fresh tensor that no autograd node saved (a convolution or addcmul output).
-    In place, the activation allocates no second full-size tensor; its backward and double
-    backward need only the result, which autograd keeps.
-    """
-    x = F.leaky_relu_(x, LRELU_SLOPE)
-    return x.clamp(-clamp, clamp) if clamp is not None else x
-
-
 def bias_act(
     x: torch.Tensor,
     *,
@@ -134,7 +123,9 @@ def bias_act(
         )
     x = _add_noise_bias(x, noise, bias_C, scale_NC)
     if activation == "lrelu":
-        return lrelu_clamp_(x, clamp)
+        # In place, the activation allocates no second full-size tensor; its backward and
+        # double backward need only the result, which autograd keeps.
+        x = F.leaky_relu_(x, LRELU_SLOPE)
     return x.clamp(-clamp, clamp) if clamp is not None else x
 
 
