@@ -17,11 +17,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from sg2dist.config import ModelConfig, load_config
+from sg2dist.config import ModelConfig
 from sg2dist.model import build_networks
 from sg2dist.model.generator import Generator
-from sg2dist.train.build import build_nets, build_step_context, make_accelerator
-from sg2dist.train.step import StepState
 
 ModelValues = Mapping[str, int]
 
@@ -106,28 +104,3 @@ def tiny_generator(img_channels: int = 3) -> tuple[Generator, ModelConfig]:
     torch.manual_seed(0)
     G, _ = build_networks(model_cfg)
     return G.eval(), model_cfg
-
-
-def tiny_step_parts(*extra_sets: str):
-    """(nets, ctx, state) for train_step: the tiny 16 px model, batch 4 in one micro-batch,
-    fp32 on the CPU, path length and R1 every 2 steps (`extra_sets` override)."""
-    cfg = load_config(
-        None,
-        [
-            *tiny_model_sets(),
-            "train.batch=4",
-            "train.batch_gpu=4",
-            "train.pl_interval=2",
-            "train.r1_interval=2",
-            "train.precision=no",
-            *extra_sets,
-        ],
-    )
-    acc = make_accelerator("no")
-    return build_nets(cfg, acc), build_step_context(cfg, acc), StepState.on(acc.device)
-
-
-def tiny_step_reals(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`train_step`'s micro-batches for `tiny_step_parts`: one of 4 random 16 px images."""
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1, torch.zeros(4, 0))]

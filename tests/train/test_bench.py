@@ -8,7 +8,7 @@ import re
 from collections import Counter
 
 import torch
-from support.tiny import tiny_step_parts, tiny_step_reals
+from support.step import tiny_step_parts, tiny_step_reals
 
 from sg2dist import cli
 from sg2dist.train.bench import compile_main_phases

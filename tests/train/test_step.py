@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from support.tiny import tiny_step_parts, tiny_step_reals
+from support.step import tiny_step_parts, tiny_step_reals
 
 from sg2dist.train.step import train_step
 
