@@ -46,7 +46,10 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-KERNELS = ("auto", "triton")  # the values of each model key in KERNEL_KEYS
+# The values of each model key in KERNEL_KEYS. auto: the Triton kernel on CUDA where `triton`
+# is installed (measured faster: README, Performance), else PyTorch ops; torch: PyTorch ops
+# everywhere; triton: the Triton kernel wherever it can run.
+KERNELS = ("auto", "torch", "triton")
 KERNEL_KEYS = ("fir_kernel", "bias_act_kernel")  # model keys that pick a PyTorch or Triton form
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
@@ -70,8 +73,10 @@ class ModelConfig:
     )
     num_fp16_res: int = 0  # run the N highest resolutions in fp16 (official scheme); 0 = off
     fused_modconv: bool = False  # grouped-conv form of modulated conv (fast for inference)
-    fir_kernel: str = "auto"  # FIR resampling on CUDA: auto (PyTorch convs) or triton
-    bias_act_kernel: str = "auto"  # scale+noise+bias+activation on CUDA: auto (PyTorch) or triton
+    fir_kernel: str = "auto"  # FIR resampling: auto (Triton on CUDA), torch or triton
+    bias_act_kernel: str = (
+        "auto"  # scale+noise+bias+activation: auto (Triton on CUDA), torch, triton
+    )
 
     def validate(self) -> None:
         if not (4 <= self.resolution <= 1024 and _is_power_of_two(self.resolution)):
@@ -94,7 +99,7 @@ class ModelConfig:
             if getattr(self, key) not in KERNELS:
                 raise ConfigError(
                     f"model.{key}='{getattr(self, key)}' is not one of {', '.join(KERNELS)}; "
-                    "use auto unless you measured triton faster on your GPU"
+                    "use auto (Triton on CUDA, PyTorch elsewhere) or torch (PyTorch ops only)"
                 )
 
 

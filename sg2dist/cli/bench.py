@@ -2,8 +2,8 @@
 
     sg2dist bench data URL --batch B --workers W [--batches N]
     sg2dist bench step --resolution R --batch B [--channel-base --channel-max] [--device cpu|cuda]
-                       [--precision fp32|bf16|fp16] [--compile] [--fir-kernel auto|triton]
-                       [--bias-act-kernel auto|triton]
+                       [--precision fp32|bf16|fp16] [--compile] [--fir-kernel auto|torch|triton]
+                       [--bias-act-kernel auto|torch|triton]
                        [--memory-format auto|channels_last|contiguous]
                        [--augment ada --augment-p P]
 
@@ -107,14 +107,16 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
         "--fir-kernel",
         choices=list(KERNELS),
         default="auto",
-        help="model.fir_kernel: how the FIR filters run on CUDA (default auto)",
+        help="model.fir_kernel: how the FIR filters run (default auto: Triton on CUDA, "
+        "PyTorch convs elsewhere; torch: PyTorch convs on CUDA too)",
     )
     parser.add_argument(
         "--bias-act-kernel",
         choices=list(KERNELS),
         default="auto",
         help="model.bias_act_kernel: how each layer's scale, noise, bias, activation and clamp "
-        "run on CUDA (default auto)",
+        "run (default auto: one Triton kernel on CUDA, PyTorch ops elsewhere; torch: PyTorch "
+        "ops on CUDA too)",
     )
     parser.add_argument(
         "--memory-format",

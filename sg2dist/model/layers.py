@@ -10,15 +10,16 @@ Conventions shared by every layer here:
   into their (small) weights, biases and scales instead of spending a pass over the
   activations on it.
 - Each layer ends with one epilogue, `bias_act`: per-sample scale, noise, bias, activation,
-  clamp; in PyTorch ops, or (`model.bias_act_kernel: triton`) one Triton kernel on CUDA.
+  clamp; one Triton kernel on CUDA (`model.bias_act_kernel: auto`), else PyTorch ops.
 - FIR resampling uses the separable [1, 3, 3, 1] filter with the padding and gain of the
   official `upfirdn2d`: 2x upsampling has gain 4 (so a constant image stays constant),
-  2x downsampling gain 1. Every filter is a depthwise convolution in a single call, with
-  a hand-written backward that keeps the second derivative (R1, path length) cheap.
+  2x downsampling gain 1. Every filter is one call, with a hand-written backward that
+  keeps the second derivative (R1, path length) cheap: a Triton kernel on CUDA
+  (`model.fir_kernel: auto`), else a depthwise convolution.
 - On CPU, feature maps are kept in channels-last memory layout (the logical shape stays
   [N, C, H, W]): oneDNN convolves NHWC natively, whereas NCHW costs a reorder around every
   convolution and makes the depthwise FIR filters several times slower. On CUDA, NCHW
-  measured faster in fp32, so it stays by default (figures: README, Performance);
+  measured faster, in fp32 and in bf16, so it stays by default (README, Performance);
   `train.memory_format` picks either layout on any device. Weights follow the layout of the
   feature map they are applied to.
 """
@@ -105,10 +106,10 @@ def bias_act(
     """A layer's epilogue: clamp(act(x * scale_NC[:, :, None, None] + noise + bias_C)).
 
     `noise` is [N or 1, 1, H, W] or [H, W]; callers fold the activation gain into scale,
-    noise and bias. kernel "auto": PyTorch ops, in place where autograd allows (so `x` must
-    be a fresh tensor that no autograd node saved, e.g. a convolution's output); "triton":
-    one Triton kernel (`triton_kernels.bias_act`) where it can run (`triton_runs_on`), "auto"
-    elsewhere; it saves its output for the backward, so callers must not modify that in place.
+    noise and bias. `kernel` (see `bias_act_form`): the PyTorch form works in place where
+    autograd allows (so `x` must be a fresh tensor that no autograd node saved, e.g. a
+    convolution's output); the Triton form (`triton_kernels.bias_act`) saves its output for
+    the backward, so callers must not modify that in place.
     """
     if activation == "linear" and all(v is None for v in (scale_NC, noise, bias_C, clamp)):
         return x  # nothing to do (D's skip connections)
@@ -130,10 +131,11 @@ def bias_act(
 
 
 def bias_act_form(x: torch.Tensor, kernel: str) -> str:
-    """How `bias_act` runs on `x` for `kernel`: "triton" where asked and able, else "torch"."""
-    if kernel not in ("auto", "triton"):
-        raise ValueError(f"bias_act kernel '{kernel}' is not one of auto, triton")
-    return "triton" if kernel == "triton" and triton_runs_on(x) else "torch"
+    """How `bias_act` runs on `x` for `kernel` ("auto", "torch" or "triton"): "triton" where
+    `triton_chosen`, else "torch"."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"bias_act kernel '{kernel}' is not one of auto, torch, triton")
+    return "triton" if triton_chosen(x, kernel) else "torch"
 
 
 # ---------------------------------------------------------------------------- FIR filter
@@ -198,20 +200,32 @@ def blur2d(
 def fir_form(x: torch.Tensor, kernel: str) -> str:
     """How the FIR filters run on `x` for the requested `kernel`.
 
-    - "auto": "depthwise" on CPU (`_DepthwiseFIR`, oneDNN runs both directions natively),
-      "native" elsewhere (`_FirConv` / `_FirAdjoint`, no cuDNN grouped transposed conv).
-    - "triton": the Triton kernel (`triton_kernels.upfirdn2d`) where it can run
-      (`triton_runs_on`), "auto" elsewhere, so a model trained with it still runs, exports and
-      samples anywhere.
+    - "triton" where `triton_chosen` (CUDA with `triton` installed, for "auto" and "triton"):
+      the Triton kernel (`triton_kernels.upfirdn2d`).
+    - Otherwise, for "auto", "torch" and "triton": "depthwise" on CPU (`_DepthwiseFIR`, oneDNN
+      runs both directions natively), "native" elsewhere (`_FirConv` / `_FirAdjoint`, no cuDNN
+      grouped transposed conv). So a model trained with Triton still runs, exports and samples
+      anywhere.
     - "depthwise" or "native": that form on any device (tests compare the forms on CPU).
     """
+    if kernel not in ("auto", "torch", "triton", "depthwise", "native"):
+        raise ValueError(
+            f"FIR kernel '{kernel}' is not one of auto, torch, triton, depthwise, native"
+        )
+    if triton_chosen(x, kernel):
+        return "triton"
+    if kernel in ("depthwise", "native"):
+        return kernel
+    return "native" if x.is_cuda else "depthwise"
+
+
+def triton_chosen(x: torch.Tensor, kernel: str) -> bool:
+    """Whether a kernel setting runs sg2dist's Triton kernels on `x`: "triton" wherever they can
+    run (`triton_runs_on`, Triton's CPU interpreter included); "auto" on CUDA only, where they
+    measured faster than the PyTorch forms (README, Performance); "torch" never."""
     if kernel == "triton":
-        return "triton" if triton_runs_on(x) else fir_form(x, "auto")
-    if kernel == "auto":
-        return "native" if x.is_cuda else "depthwise"
-    if kernel not in ("depthwise", "native"):
-        raise ValueError(f"FIR kernel '{kernel}' is not one of auto, triton, depthwise, native")
-    return kernel
+        return triton_runs_on(x)
+    return kernel == "auto" and x.is_cuda and triton_runs_on(x)
 
 
 def triton_runs_on(x: torch.Tensor) -> bool:
@@ -226,8 +240,8 @@ def _triton():
 
 
 def use_kernels_(module: ModuleT, *, fir_kernel: str, bias_act_kernel: str) -> ModuleT:
-    """Make every layer of `module` filter with `fir_kernel` and finish with
-    `bias_act_kernel` ("auto" or "triton": `ModelConfig.fir_kernel`, `.bias_act_kernel`)."""
+    """Make every layer of `module` filter with `fir_kernel` and finish with `bias_act_kernel`
+    ("auto", "torch" or "triton": `ModelConfig.fir_kernel`, `.bias_act_kernel`)."""
     _set_on_layers_(module, "fir_kernel", fir_kernel)
     _set_on_layers_(module, "bias_act_kernel", bias_act_kernel)
     return module

@@ -41,8 +41,8 @@ class StepBenchSettings:
     device: str = "cpu"  # cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
     compile: bool = False  # torch.compile every call of the main phases (not R1 / path length)
-    fir_kernel: str = "auto"  # model.fir_kernel: auto | triton
-    bias_act_kernel: str = "auto"  # model.bias_act_kernel: auto | triton
+    fir_kernel: str = "auto"  # model.fir_kernel: auto | torch | triton
+    bias_act_kernel: str = "auto"  # model.bias_act_kernel: auto | torch | triton
     memory_format: str = "auto"  # train.memory_format: auto | channels_last | contiguous
     cycles: int = 2  # timed 16-iteration cycles
     augment: str = "none"  # augment.mode: none | ada | fixed | diffaugment

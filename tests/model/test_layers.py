@@ -259,8 +259,37 @@ def test_triton_fir_kernel_is_used_only_where_it_can_run():
     cpu = torch.zeros(1, 1, 4, 4)
     assert fir_form(cpu, "triton") == "depthwise"  # compiled Triton needs a GPU: CPU form
     assert fir_form(cpu, "auto") == "depthwise"
+    assert fir_form(cpu, "torch") == "depthwise"
     with pytest.raises(ValueError, match="FIR kernel 'cudnn' is not one of"):
         fir_form(cpu, "cudnn")
+
+
+def test_auto_picks_triton_on_cuda_only_and_never_the_cpu_interpreter(triton_on_cpu):
+    # Under the interpreter the kernels can run on this CPU tensor, but only "triton" asks for
+    # them there: "auto" means Triton on CUDA, and the interpreter is a test device.
+    cpu = torch.zeros(1, 1, 4, 4)
+    assert [fir_form(cpu, k) for k in ("auto", "torch", "triton")] == [
+        "depthwise",
+        "depthwise",
+        "triton",
+    ]
+    assert [bias_act_form(cpu, k) for k in ("auto", "torch", "triton")] == [
+        "torch",
+        "torch",
+        "triton",
+    ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_runs_the_triton_kernels_on_cuda_and_torch_the_pytorch_forms():
+    pytest.importorskip("triton")
+    gpu = torch.zeros(1, 1, 4, 4, device="cuda")
+    assert [fir_form(gpu, k) for k in ("auto", "torch", "triton")] == ["triton", "native", "triton"]
+    assert [bias_act_form(gpu, k) for k in ("auto", "torch", "triton")] == [
+        "triton",
+        "torch",
+        "triton",
+    ]
 
 
 # ---------------------------------------------------------------------------- bias + activation
@@ -334,6 +363,6 @@ def test_bias_act_has_the_reference_first_and_second_derivatives(name, kernel, l
 def test_triton_bias_act_is_used_only_where_it_can_run():
     pytest.importorskip("triton")
     cpu = torch.zeros(1, 1, 4, 4)
-    assert bias_act_form(cpu, "triton") == "torch"  # compiled Triton needs a GPU
-    with pytest.raises(ValueError, match="bias_act kernel 'cuda' is not one of auto, triton"):
+    assert [bias_act_form(cpu, k) for k in ("auto", "torch", "triton")] == ["torch"] * 3
+    with pytest.raises(ValueError, match="bias_act kernel 'cuda' is not one of auto, torch, tri"):
         bias_act_form(cpu, "cuda")
