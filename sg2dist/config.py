@@ -74,9 +74,7 @@ class ModelConfig:
     num_fp16_res: int = 0  # run the N highest resolutions in fp16 (official scheme); 0 = off
     fused_modconv: bool = False  # grouped-conv form of modulated conv (fast for inference)
     fir_kernel: str = "auto"  # FIR resampling: auto (Triton on CUDA), torch or triton
-    bias_act_kernel: str = (
-        "auto"  # scale+noise+bias+activation: auto (Triton on CUDA), torch, triton
-    )
+    bias_act_kernel: str = "auto"  # the layer epilogue: auto (Triton on CUDA), torch or triton
 
     def validate(self) -> None:
         if not (4 <= self.resolution <= 1024 and _is_power_of_two(self.resolution)):
